@@ -1,0 +1,682 @@
+//! The record envelope: a hand-written, versioned, little-endian layout with a CRC32C.
+//!
+//! Every value mqlite stores (except plain integers) is one envelope:
+//!
+//! ```text
+//! offset size field
+//! 0      1    kind      (what the body is: message, topic, queue state, ...)
+//! 1      1    version   (layout version of that kind; 1 for all kinds today)
+//! 2      4    crc32c    (over the kind, version and body bytes, little-endian)
+//! 6      ..   body      (the kind's fields, little-endian, lengths before bytes)
+//! ```
+//!
+//! Decoding checks the checksum first, then every length against the bytes left, and rejects
+//! trailing bytes: any input yields either the value that was encoded or `Error::Corrupted`,
+//! never a panic and never wrong bytes.
+
+use crate::error::{Error, Result};
+use crate::message::{Message, MessageId};
+use crate::queue::{Death, DeathReason, Overflow, QueueConfig};
+use crate::routing::{Binding, HeaderMatch};
+use crate::topic::{Retention, TopicConfig};
+
+/// The header size of every envelope.
+pub(crate) const HEADER_BYTES: usize = 6;
+
+/// What an envelope's body holds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub(crate) enum Kind {
+    Message = 1,
+    Topic = 2,
+    Queue = 3,
+    QueueEntry = 4,
+    Binding = 5,
+}
+
+const LAYOUT_VERSION: u8 = 1;
+
+/// Builds one envelope.
+pub(crate) struct Writer {
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    pub(crate) fn new(kind: Kind, capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(HEADER_BYTES + capacity);
+        buf.extend_from_slice(&[kind as u8, LAYOUT_VERSION, 0, 0, 0, 0]);
+        Writer { buf }
+    }
+
+    pub(crate) fn u8(&mut self, v: u8) -> &mut Self {
+        self.buf.push(v);
+        self
+    }
+
+    pub(crate) fn u32(&mut self, v: u32) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    pub(crate) fn u64(&mut self, v: u64) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    pub(crate) fn u128(&mut self, v: u128) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    /// Bytes with a u32 length before them. Callers check sizes against the limits first, so
+    /// the length always fits.
+    pub(crate) fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        let len = u32::try_from(v.len()).unwrap_or(u32::MAX);
+        self.u32(len);
+        self.buf.extend_from_slice(v);
+        self
+    }
+
+    pub(crate) fn opt_u64(&mut self, v: Option<u64>) -> &mut Self {
+        match v {
+            Some(v) => self.u8(1).u64(v),
+            None => self.u8(0),
+        }
+    }
+
+    pub(crate) fn opt_str(&mut self, v: Option<&str>) -> &mut Self {
+        match v {
+            Some(v) => self.u8(1).bytes(v.as_bytes()),
+            None => self.u8(0),
+        }
+    }
+
+    pub(crate) fn finish(mut self) -> Vec<u8> {
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&self.buf[..2]), &self.buf[HEADER_BYTES..]);
+        self.buf[2..HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
+        self.buf
+    }
+}
+
+/// Reads one envelope's body; every read is bounds-checked.
+pub(crate) struct Reader<'a> {
+    body: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    /// Checks the header and checksum and returns a reader over the body.
+    pub(crate) fn open(bytes: &'a [u8], kind: Kind, what: &'static str) -> Result<Self> {
+        if bytes.len() < HEADER_BYTES {
+            return Err(Error::corrupted(format!(
+                "{what}: record shorter than its header"
+            )));
+        }
+        if bytes[0] != kind as u8 {
+            return Err(Error::corrupted(format!(
+                "{what}: record kind {}",
+                bytes[0]
+            )));
+        }
+        if bytes[1] != LAYOUT_VERSION {
+            return Err(Error::corrupted(format!(
+                "{what}: record version {}",
+                bytes[1]
+            )));
+        }
+        let stored = u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]);
+        let actual = crc32c::crc32c_append(crc32c::crc32c(&bytes[..2]), &bytes[HEADER_BYTES..]);
+        if stored != actual {
+            return Err(Error::corrupted(format!("{what}: checksum mismatch")));
+        }
+        Ok(Reader {
+            body: &bytes[HEADER_BYTES..],
+            what,
+        })
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.body.len() < n {
+            return Err(Error::corrupted(format!("{}: truncated record", self.what)));
+        }
+        let (head, tail) = self.body.split_at(n);
+        self.body = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut out = [0; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    pub(crate) fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    pub(crate) fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    pub(crate) fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    pub(crate) fn u128(&mut self) -> Result<u128> {
+        Ok(u128::from_le_bytes(self.array()?))
+    }
+
+    pub(crate) fn bytes(&mut self) -> Result<&'a [u8]> {
+        let len = self.u32()? as usize;
+        self.take(len)
+    }
+
+    pub(crate) fn string(&mut self) -> Result<String> {
+        let what = self.what;
+        let bytes = self.bytes()?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| Error::corrupted(format!("{what}: string is not UTF-8")))
+    }
+
+    pub(crate) fn opt_u64(&mut self) -> Result<Option<u64>> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.u64()?)),
+            tag => Err(Error::corrupted(format!("{}: option tag {tag}", self.what))),
+        }
+    }
+
+    pub(crate) fn bool(&mut self) -> Result<bool> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            tag => Err(Error::corrupted(format!("{}: bool {tag}", self.what))),
+        }
+    }
+
+    pub(crate) fn opt_str(&mut self) -> Result<Option<String>> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.string()?)),
+            tag => Err(Error::corrupted(format!("{}: option tag {tag}", self.what))),
+        }
+    }
+
+    pub(crate) fn remaining(&self) -> usize {
+        self.body.len()
+    }
+
+    /// Fails unless every byte was read.
+    pub(crate) fn finish(self) -> Result<()> {
+        if self.body.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::corrupted(format!("{}: trailing bytes", self.what)))
+        }
+    }
+}
+
+const FLAG_HAS_KEY: u8 = 1;
+
+/// Encodes a message into an envelope of kind `Message`.
+pub(crate) fn encode_message(message: &Message) -> Vec<u8> {
+    let mut w = Writer::new(Kind::Message, message.size_bytes() as usize + 64);
+    write_message(&mut w, message);
+    w.finish()
+}
+
+/// Writes a message's fields into an envelope of any kind that embeds one.
+pub(crate) fn write_message(w: &mut Writer, message: &Message) {
+    let flags = if message.key.is_some() {
+        FLAG_HAS_KEY
+    } else {
+        0
+    };
+    w.u8(flags)
+        .u128(message.id.0)
+        .u64(message.timestamp_ms)
+        .bytes(message.key.as_deref().unwrap_or_default())
+        .bytes(message.routing_key.as_bytes())
+        .u32(message.headers.len() as u32);
+    for (name, value) in &message.headers {
+        w.bytes(name.as_bytes()).bytes(value);
+    }
+    w.bytes(&message.payload);
+}
+
+/// Reads the fields [`write_message`] wrote.
+pub(crate) fn read_message(r: &mut Reader<'_>) -> Result<Message> {
+    let flags = r.u8()?;
+    if flags & !FLAG_HAS_KEY != 0 {
+        return Err(Error::corrupted(format!(
+            "{}: unknown message flags {flags}",
+            r.what
+        )));
+    }
+    let id = MessageId(r.u128()?);
+    let timestamp_ms = r.u64()?;
+    let key = r.bytes()?;
+    let key = (flags & FLAG_HAS_KEY != 0).then(|| key.to_vec());
+    let routing_key = r.string()?;
+    let count = r.u32()?;
+    // Each header takes at least 8 bytes, so a count larger than that is corrupt; checking it
+    // first keeps a damaged count from reserving a huge vector.
+    if count as usize > r.body.len() / 8 {
+        return Err(Error::corrupted(format!(
+            "{}: header count {count}",
+            r.what
+        )));
+    }
+    let mut headers = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let name = r.string()?;
+        headers.push((name, r.bytes()?.to_vec()));
+    }
+    let payload = r.bytes()?.to_vec();
+    Ok(Message {
+        id,
+        key,
+        routing_key,
+        headers,
+        payload,
+        timestamp_ms,
+    })
+}
+
+/// Decodes an envelope of kind `Message`.
+pub(crate) fn decode_message(bytes: &[u8], what: &'static str) -> Result<Message> {
+    let mut r = Reader::open(bytes, Kind::Message, what)?;
+    let message = read_message(&mut r)?;
+    r.finish()?;
+    Ok(message)
+}
+
+/// Decodes arbitrary bytes as a message envelope; for fuzzing the decoder from outside the
+/// crate. Never panics.
+#[doc(hidden)]
+pub fn fuzz_decode_message(bytes: &[u8]) -> Result<Message> {
+    decode_message(bytes, "fuzz")
+}
+
+/// Encodes a message envelope; the inverse of [`fuzz_decode_message`].
+#[doc(hidden)]
+pub fn fuzz_encode_message(message: &Message) -> Vec<u8> {
+    encode_message(message)
+}
+
+/// Decodes a plain little-endian u64 (a meta value).
+pub(crate) fn decode_u64(bytes: &[u8], what: &str) -> Result<u64> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_le_bytes)
+        .map_err(|_| Error::corrupted(format!("{what}: {} bytes, expected 8", bytes.len())))
+}
+
+/// Decodes a plain little-endian u32 (a meta value).
+pub(crate) fn decode_u32(bytes: &[u8], what: &str) -> Result<u32> {
+    <[u8; 4]>::try_from(bytes)
+        .map(u32::from_le_bytes)
+        .map_err(|_| Error::corrupted(format!("{what}: {} bytes, expected 4", bytes.len())))
+}
+
+/// A topic's stored record: its id, configuration and extent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct TopicRecord {
+    pub(crate) id: u64,
+    pub(crate) config: TopicConfig,
+    pub(crate) first_offset: u64,
+    pub(crate) next_offset: u64,
+    pub(crate) stored_bytes: u64,
+    pub(crate) last_append_ms: u64,
+}
+
+pub(crate) fn encode_topic(t: &TopicRecord) -> Vec<u8> {
+    let r = &t.config.retention;
+    let mut w = Writer::new(Kind::Topic, 80);
+    w.u64(t.id)
+        .u64(t.first_offset)
+        .u64(t.next_offset)
+        .u64(t.stored_bytes)
+        .u64(t.last_append_ms)
+        .opt_u64(r.max_age_ms)
+        .opt_u64(r.max_messages)
+        .opt_u64(r.max_bytes)
+        .u8(u8::from(r.until_consumed));
+    w.finish()
+}
+
+pub(crate) fn decode_topic(bytes: &[u8]) -> Result<TopicRecord> {
+    let mut r = Reader::open(bytes, Kind::Topic, "topic record")?;
+    let record = TopicRecord {
+        id: r.u64()?,
+        first_offset: r.u64()?,
+        next_offset: r.u64()?,
+        stored_bytes: r.u64()?,
+        last_append_ms: r.u64()?,
+        config: TopicConfig {
+            retention: Retention {
+                max_age_ms: r.opt_u64()?,
+                max_messages: r.opt_u64()?,
+                max_bytes: r.opt_u64()?,
+                until_consumed: r.bool()?,
+            },
+        },
+    };
+    r.finish()?;
+    if record.first_offset > record.next_offset {
+        return Err(Error::corrupted(
+            "topic record: first offset after next offset",
+        ));
+    }
+    Ok(record)
+}
+
+/// A queue's stored record: id, configuration, counts and next sequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct QueueRecord {
+    pub(crate) id: u64,
+    pub(crate) config: QueueConfig,
+    pub(crate) next_seq: u64,
+    pub(crate) ready: u64,
+    pub(crate) in_flight: u64,
+    pub(crate) delayed: u64,
+    pub(crate) dead_lettered: u64,
+}
+
+pub(crate) fn encode_queue(q: &QueueRecord) -> Vec<u8> {
+    let c = &q.config;
+    let mut w = Writer::new(Kind::Queue, 128);
+    w.u64(q.id)
+        .u64(q.next_seq)
+        .u64(q.ready)
+        .u64(q.in_flight)
+        .u64(q.delayed)
+        .u64(q.dead_lettered)
+        .u64(c.lease_ms)
+        .u32(c.max_deliveries)
+        .opt_str(c.dead_letter.as_deref())
+        .opt_u64(c.max_length)
+        .u8(match c.overflow {
+            Overflow::DropOldest => 0,
+            Overflow::RejectPublish => 1,
+        })
+        .opt_u64(c.message_ttl_ms);
+    w.finish()
+}
+
+pub(crate) fn decode_queue(bytes: &[u8]) -> Result<QueueRecord> {
+    let mut r = Reader::open(bytes, Kind::Queue, "queue record")?;
+    let record = QueueRecord {
+        id: r.u64()?,
+        next_seq: r.u64()?,
+        ready: r.u64()?,
+        in_flight: r.u64()?,
+        delayed: r.u64()?,
+        dead_lettered: r.u64()?,
+        config: QueueConfig {
+            lease_ms: r.u64()?,
+            max_deliveries: r.u32()?,
+            dead_letter: r.opt_str()?,
+            max_length: r.opt_u64()?,
+            overflow: match r.u8()? {
+                0 => Overflow::DropOldest,
+                1 => Overflow::RejectPublish,
+                tag => return Err(Error::corrupted(format!("queue record: overflow {tag}"))),
+            },
+            message_ttl_ms: r.opt_u64()?,
+        },
+    };
+    r.finish()?;
+    Ok(record)
+}
+
+/// Where a queue entry stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum EntryState {
+    /// Listed in the ready index.
+    Ready,
+    /// Waiting for `due_ms`, listed in the timers.
+    Delayed,
+    /// Leased until `due_ms`, listed in the timers.
+    InFlight,
+}
+
+/// One message in a queue with its delivery state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct QueueEntry {
+    pub(crate) message: Message,
+    pub(crate) state: EntryState,
+    pub(crate) priority: u8,
+    pub(crate) delivery_count: u32,
+    pub(crate) due_ms: u64,
+    pub(crate) enqueued_ms: u64,
+    pub(crate) expires_ms: Option<u64>,
+    pub(crate) deaths: Vec<Death>,
+}
+
+fn reason_tag(reason: DeathReason) -> u8 {
+    match reason {
+        DeathReason::Rejected => 0,
+        DeathReason::Expired => 1,
+        DeathReason::MaxLength => 2,
+        DeathReason::DeliveryLimit => 3,
+    }
+}
+
+pub(crate) fn encode_entry(e: &QueueEntry) -> Vec<u8> {
+    let mut w = Writer::new(Kind::QueueEntry, e.message.size_bytes() as usize + 96);
+    w.u8(match e.state {
+        EntryState::Ready => 0,
+        EntryState::Delayed => 1,
+        EntryState::InFlight => 2,
+    })
+    .u8(e.priority)
+    .u32(e.delivery_count)
+    .u64(e.due_ms)
+    .u64(e.enqueued_ms)
+    .opt_u64(e.expires_ms)
+    .u32(e.deaths.len() as u32);
+    for d in &e.deaths {
+        w.bytes(d.queue.as_bytes())
+            .u8(reason_tag(d.reason))
+            .u32(d.count)
+            .u64(d.first_ms)
+            .u64(d.last_ms);
+    }
+    write_message(&mut w, &e.message);
+    w.finish()
+}
+
+pub(crate) fn decode_entry(bytes: &[u8]) -> Result<QueueEntry> {
+    let mut r = Reader::open(bytes, Kind::QueueEntry, "queue entry")?;
+    let state = match r.u8()? {
+        0 => EntryState::Ready,
+        1 => EntryState::Delayed,
+        2 => EntryState::InFlight,
+        tag => return Err(Error::corrupted(format!("queue entry: state {tag}"))),
+    };
+    let priority = r.u8()?;
+    let delivery_count = r.u32()?;
+    let due_ms = r.u64()?;
+    let enqueued_ms = r.u64()?;
+    let expires_ms = r.opt_u64()?;
+    let count = r.u32()?;
+    if count as usize > r.remaining() / 25 {
+        return Err(Error::corrupted(format!(
+            "queue entry: death count {count}"
+        )));
+    }
+    let mut deaths = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        deaths.push(Death {
+            queue: r.string()?,
+            reason: match r.u8()? {
+                0 => DeathReason::Rejected,
+                1 => DeathReason::Expired,
+                2 => DeathReason::MaxLength,
+                3 => DeathReason::DeliveryLimit,
+                tag => return Err(Error::corrupted(format!("queue entry: death reason {tag}"))),
+            },
+            count: r.u32()?,
+            first_ms: r.u64()?,
+            last_ms: r.u64()?,
+        });
+    }
+    let message = read_message(&mut r)?;
+    r.finish()?;
+    Ok(QueueEntry {
+        message,
+        state,
+        priority,
+        delivery_count,
+        due_ms,
+        enqueued_ms,
+        expires_ms,
+        deaths,
+    })
+}
+
+/// A binding's stored record: the target queue and the rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct BindingRecord {
+    pub(crate) queue: String,
+    pub(crate) rule: Binding,
+}
+
+pub(crate) fn encode_binding(b: &BindingRecord) -> Vec<u8> {
+    let mut w = Writer::new(Kind::Binding, 64);
+    w.bytes(b.queue.as_bytes());
+    match &b.rule {
+        Binding::Key(k) => {
+            w.u8(0).bytes(k.as_bytes());
+        }
+        Binding::Fanout => {
+            w.u8(1);
+        }
+        Binding::Pattern(p) => {
+            w.u8(2).bytes(p.as_bytes());
+        }
+        Binding::Headers { mode, headers } => {
+            w.u8(3)
+                .u8(match mode {
+                    HeaderMatch::All => 0,
+                    HeaderMatch::Any => 1,
+                })
+                .u32(headers.len() as u32);
+            for (name, value) in headers {
+                w.bytes(name.as_bytes());
+                match value {
+                    Some(v) => w.u8(1).bytes(v),
+                    None => w.u8(0),
+                };
+            }
+        }
+    }
+    w.finish()
+}
+
+pub(crate) fn decode_binding(bytes: &[u8]) -> Result<BindingRecord> {
+    let mut r = Reader::open(bytes, Kind::Binding, "binding")?;
+    let queue = r.string()?;
+    let rule = match r.u8()? {
+        0 => Binding::Key(r.string()?),
+        1 => Binding::Fanout,
+        2 => Binding::Pattern(r.string()?),
+        3 => {
+            let mode = match r.u8()? {
+                0 => HeaderMatch::All,
+                1 => HeaderMatch::Any,
+                tag => return Err(Error::corrupted(format!("binding: header mode {tag}"))),
+            };
+            let count = r.u32()?;
+            if count as usize > r.remaining() / 5 {
+                return Err(Error::corrupted(format!("binding: header count {count}")));
+            }
+            let mut headers = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                let name = r.string()?;
+                let value = match r.u8()? {
+                    0 => None,
+                    1 => Some(r.bytes()?.to_vec()),
+                    tag => return Err(Error::corrupted(format!("binding: option {tag}"))),
+                };
+                headers.push((name, value));
+            }
+            Binding::Headers { mode, headers }
+        }
+        tag => return Err(Error::corrupted(format!("binding: rule {tag}"))),
+    };
+    r.finish()?;
+    Ok(BindingRecord { queue, rule })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Message {
+        Message {
+            id: MessageId(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10),
+            key: Some(b"k".to_vec()),
+            routing_key: "a.b".into(),
+            headers: vec![("h".into(), b"v".to_vec())],
+            payload: b"hi".to_vec(),
+            timestamp_ms: 0x1122_3344,
+        }
+    }
+
+    #[test]
+    fn golden_bytes_of_a_message_envelope() {
+        let bytes = encode_message(&sample());
+        let expected: Vec<u8> = [
+            &[1u8, 1][..], // kind message, version 1
+            &bytes[2..6],  // crc, checked below
+            &[1],          // flags: has key
+            &0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10u128.to_le_bytes(),
+            &0x1122_3344u64.to_le_bytes(),
+            &[1, 0, 0, 0, b'k'],                   // key
+            &[3, 0, 0, 0, b'a', b'.', b'b'],       // routing key
+            &[1, 0, 0, 0],                         // one header
+            &[1, 0, 0, 0, b'h', 1, 0, 0, 0, b'v'], // h = v
+            &[2, 0, 0, 0, b'h', b'i'],             // payload
+        ]
+        .concat();
+        assert_eq!(bytes, expected);
+        assert_eq!(
+            &bytes[2..6],
+            &0x62B4_3396u32.to_le_bytes()[..],
+            "crc32c of this layout"
+        );
+        assert_eq!(decode_message(&bytes, "test").unwrap(), sample());
+    }
+
+    #[test]
+    fn every_truncation_and_every_bit_flip_is_rejected() {
+        let bytes = encode_message(&sample());
+        for len in 0..bytes.len() {
+            assert!(
+                decode_message(&bytes[..len], "t").is_err(),
+                "truncated to {len}"
+            );
+        }
+        for bit in 0..bytes.len() * 8 {
+            let mut flipped = bytes.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                matches!(decode_message(&flipped, "t"), Err(Error::Corrupted { .. })),
+                "bit {bit}"
+            );
+        }
+    }
+
+    #[test]
+    fn absent_key_differs_from_empty_key() {
+        let mut m = sample();
+        m.key = None;
+        assert_eq!(decode_message(&encode_message(&m), "t").unwrap().key, None);
+        m.key = Some(Vec::new());
+        assert_eq!(
+            decode_message(&encode_message(&m), "t").unwrap().key,
+            Some(Vec::new())
+        );
+    }
+}

@@ -1,0 +1,164 @@
+//! Blocking consumption: topic consumers that poll, queue receivers that wait.
+
+use std::time::Duration;
+
+use crate::db::Database;
+use crate::error::{Error, Result};
+use crate::queue::{self, Delivery};
+use crate::schema::{QUEUE_TIMERS, QUEUES};
+use crate::topic::{Record, StartAt};
+
+/// A consumer group member reading a topic, Kafka style: it keeps a position in memory, reads
+/// from it with [`Consumer::poll`], and stores it with [`Consumer::commit`] (or inside a
+/// transaction with [`WriteTransaction::commit_offset`](crate::WriteTransaction::commit_offset),
+/// together with the effect of the messages).
+///
+/// Several consumers of one group share the committed offset, not the messages: each reads
+/// from its own position. Use a [queue](crate::QueueConfig) for competing consumers.
+///
+/// # Examples
+///
+/// ```
+/// use mqlite::{Database, Message, StartAt, TopicConfig};
+/// use std::time::Duration;
+/// let db = Database::in_memory()?;
+/// db.write(|txn| txn.create_topic("t", TopicConfig::default()))?;
+/// let mut consumer = db.consumer("t", "g", StartAt::Earliest)?;
+/// let db2 = db.clone();
+/// let producer = std::thread::spawn(move || db2.write(|txn| txn.publish("t", &Message::new("x"))));
+/// let records = consumer.poll(100, Duration::from_secs(5))?; // woken by the commit
+/// assert_eq!(records.len(), 1);
+/// # producer.join().unwrap()?;
+/// # Ok::<(), mqlite::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Consumer {
+    db: Database,
+    topic: String,
+    group: String,
+    position: u64,
+}
+
+impl Database {
+    /// A consumer for `group` on `topic`. Creates the group at `start` (durably) if it has no
+    /// committed offset; otherwise resumes from the committed offset and ignores `start`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownTopic`], [`Error::InvalidName`], storage errors.
+    pub fn consumer(&self, topic: &str, group: &str, start: StartAt) -> Result<Consumer> {
+        let position = self.write(|txn| txn.create_group(topic, group, start))?;
+        Ok(Consumer {
+            db: self.clone(),
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            position,
+        })
+    }
+
+    /// Leases up to `max` messages from a queue, waiting up to `timeout` for the first one.
+    ///
+    /// Wakes at once when a commit in this process makes a message ready, when a delayed
+    /// message comes due, or when a lease expires; returns an empty vector on timeout.
+    /// See [`WriteTransaction::receive`](crate::WriteTransaction::receive).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownQueue`], [`Error::LimitExceeded`], storage errors.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let db = mqlite::Database::in_memory()?;
+    /// db.write(|txn| {
+    ///     txn.create_queue("jobs", Default::default())?;
+    ///     txn.enqueue("jobs", &mqlite::Message::new("job 1"))
+    /// })?;
+    /// let deliveries = db.receive("jobs", 10, Duration::from_secs(1))?;
+    /// db.write(|txn| txn.ack(&deliveries[0].lease))?;
+    /// # Ok::<(), mqlite::Error>(())
+    /// ```
+    pub fn receive(&self, queue: &str, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        let found = self.wait_for(timeout, || {
+            let deliveries = self.write(|txn| txn.receive(queue, max))?;
+            if !deliveries.is_empty() {
+                return Ok((Some(deliveries), None));
+            }
+            let next_due = self.read(|r| {
+                let record = queue::load(&r.table(QUEUES)?, queue)?;
+                queue::next_due_ms(&r.table(QUEUE_TIMERS)?, record.id)
+            })?;
+            Ok((None, next_due))
+        })?;
+        Ok(found.unwrap_or_default())
+    }
+}
+
+impl Consumer {
+    /// Reads up to `max` messages from the current position, waiting up to `timeout` for the
+    /// first one, and advances the position past what it returns. A position below the oldest
+    /// stored message (removed by retention) moves up to it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownTopic`] (the topic was deleted), [`Error::Corrupted`], storage errors.
+    pub fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<Record>> {
+        let (topic, position) = (&self.topic, self.position);
+        let found = self.db.wait_for(timeout, || {
+            let records = self.db.read(|r| r.read_topic(topic, position, max))?;
+            Ok(((!records.is_empty()).then_some(records), None))
+        })?;
+        let records = found.unwrap_or_default();
+        if let Some(last) = records.last() {
+            self.position = last.offset + 1;
+        }
+        Ok(records)
+    }
+
+    /// Durably stores the current position as the group's committed offset.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownTopic`], storage errors.
+    pub fn commit(&self) -> Result<()> {
+        self.db
+            .write(|txn| txn.commit_offset(&self.topic, &self.group, self.position))
+    }
+
+    /// The next offset [`Consumer::poll`] reads.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Moves the position (not the committed offset) to `offset`.
+    pub fn seek(&mut self, offset: u64) {
+        self.position = offset;
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// Messages stored after the current position.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownTopic`].
+    pub fn lag(&self) -> Result<u64> {
+        let info = self.db.read(|r| r.topic_info(&self.topic))?;
+        Ok(info.next_offset - self.position.clamp(info.first_offset, info.next_offset))
+    }
+}
+
+impl From<std::convert::Infallible> for Error {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
+}

@@ -1,0 +1,776 @@
+//! [`Database`], its [`Builder`], crash-safe file creation, commits and waiting.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Wake, Waker};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use redb::{ReadableDatabase, StorageBackend};
+
+use crate::clock::{Clock, SystemClock};
+use crate::codec;
+use crate::error::{Error, Result, open_error};
+use crate::schema::{self, FORMAT_VERSION, META, META_FORMAT, META_NEXT_ID};
+use crate::topic::{RETENTION_BATCH, RetentionReport, trim};
+use crate::txn::{ReadTransaction, WriteTransaction};
+
+/// When a commit reaches the disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// A commit is on disk (fsynced) when it returns: it survives a process crash and a power
+    /// cut. The default.
+    #[default]
+    Immediate,
+    /// A commit returns before it is fsynced. It survives a process crash at once, and a power
+    /// cut once the next durable point passes: [`Database::flush`], a later `Immediate`
+    /// commit, or the flusher, which runs every
+    /// [`Builder::flush_interval_ms`] (default 10 ms). A power cut may lose the commits of the
+    /// last interval, always a whole number of commits in commit order.
+    Relaxed,
+}
+
+/// Limits checked at the API boundary. See [`Builder`] for each default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest message (payload, key, routing key and headers), in bytes.
+    pub max_message_bytes: u64,
+    /// Most headers in one message.
+    pub max_headers: u32,
+    /// Most messages in one publish batch or receive.
+    pub max_batch: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 1 << 20,
+            max_headers: 64,
+            max_batch: 10_000,
+        }
+    }
+}
+
+/// A step of creating a new database file, named for fault injection
+/// ([`Builder::create_hook`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreateStep {
+    /// Creating the temporary file beside the target.
+    CreateTemp,
+    /// Writing the schema and format version into it.
+    WriteSchema,
+    /// Fsyncing the temporary file.
+    SyncTemp,
+    /// Linking it under the target name (atomic; never replaces an existing file).
+    Link,
+    /// Removing the temporary name.
+    RemoveTemp,
+    /// Fsyncing the directory so the new name is durable.
+    SyncDirectory,
+}
+
+type CreateHook = Arc<dyn Fn(CreateStep) -> io::Result<()> + Send + Sync>;
+
+/// Options for opening a [`Database`]. Every setter states its default.
+///
+/// # Examples
+///
+/// ```
+/// use mqlite::{Database, Durability};
+/// let dir = std::env::temp_dir().join(format!("mqlite-doc-builder-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir)?;
+/// let db = Database::builder()
+///     .cache_size_bytes(4 << 20)
+///     .max_message_bytes(64 << 10)
+///     .durability(Durability::Relaxed)
+///     .open(dir.join("app.mqlite"))?;
+/// # drop(db); std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), mqlite::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Builder {
+    cache_size_bytes: usize,
+    limits: Limits,
+    clock: Arc<dyn Clock>,
+    durability: Durability,
+    flush_interval_ms: u64,
+    concurrency: redb::ConcurrencyMode,
+    create_hook: Option<CreateHook>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            cache_size_bytes: 16 << 20,
+            limits: Limits::default(),
+            clock: Arc::new(SystemClock),
+            durability: Durability::Immediate,
+            flush_interval_ms: 10,
+            concurrency: redb::ConcurrencyMode::ExclusiveWriter,
+            create_hook: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("cache_size_bytes", &self.cache_size_bytes)
+            .field("limits", &self.limits)
+            .field("durability", &self.durability)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    /// Memory for redb's page cache. Default 16 MiB (redb's own default of 1 GiB is far too
+    /// much for a device).
+    pub fn cache_size_bytes(&mut self, bytes: usize) -> &mut Self {
+        self.cache_size_bytes = bytes;
+        self
+    }
+
+    /// Largest message in bytes (payload, key, routing key and headers). Default 1 MiB.
+    pub fn max_message_bytes(&mut self, bytes: u64) -> &mut Self {
+        self.limits.max_message_bytes = bytes;
+        self
+    }
+
+    /// Most headers in one message. Default 64.
+    pub fn max_headers(&mut self, count: u32) -> &mut Self {
+        self.limits.max_headers = count;
+        self
+    }
+
+    /// Most messages in one publish batch or one receive. Default 10 000.
+    pub fn max_batch(&mut self, count: usize) -> &mut Self {
+        self.limits.max_batch = count;
+        self
+    }
+
+    /// The clock for timestamps, retention, leases, delays and dedup expiry. Default: the
+    /// system clock. Tests pass a [`ManualClock`](crate::ManualClock).
+    pub fn clock(&mut self, clock: impl Clock) -> &mut Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// When commits reach the disk. Default [`Durability::Immediate`].
+    pub fn durability(&mut self, durability: Durability) -> &mut Self {
+        self.durability = durability;
+        self
+    }
+
+    /// In [`Durability::Relaxed`], the bound on how long a commit stays not yet durable: a
+    /// flusher thread makes pending commits durable this often. Default 10 ms. The thread
+    /// exists only in relaxed mode, and stops when the last handle of the database drops.
+    pub fn flush_interval_ms(&mut self, interval_ms: u64) -> &mut Self {
+        self.flush_interval_ms = interval_ms.max(1);
+        self
+    }
+
+    /// How processes share the file (redb's concurrency mode). Default
+    /// [`ExclusiveWriter`](redb::ConcurrencyMode::ExclusiveWriter): one process opens the
+    /// file, and a second opener gets [`Error::AlreadyOpen`]. `SingleWriter` and `MultiWriter`
+    /// let other processes open it too (read-only, or read-write); waiting consumers then also
+    /// look for other processes' commits every few milliseconds. `Relaxed` durability needs
+    /// `ExclusiveWriter`.
+    pub fn concurrency(&mut self, mode: redb::ConcurrencyMode) -> &mut Self {
+        self.concurrency = mode;
+        self
+    }
+
+    /// A seam for fault injection: called before each step of creating a new file; an error
+    /// stops the creation there, as a crash would. Default: none.
+    pub fn create_hook(
+        &mut self,
+        hook: impl Fn(CreateStep) -> io::Result<()> + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.create_hook = Some(Arc::new(hook));
+        self
+    }
+
+    fn redb_builder(&self) -> redb::Builder {
+        let mut b = redb::Database::builder();
+        b.set_cache_size(self.cache_size_bytes);
+        b.set_concurrency_mode(self.concurrency);
+        b
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.durability == Durability::Relaxed
+            && self.concurrency != redb::ConcurrencyMode::ExclusiveWriter
+        {
+            return Err(Error::InvalidConfig(
+                "relaxed durability needs the ExclusiveWriter concurrency mode".into(),
+            ));
+        }
+        if self.limits.max_batch == 0 || self.limits.max_message_bytes == 0 {
+            return Err(Error::InvalidConfig("limits must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    fn hook(&self, step: CreateStep) -> Result<()> {
+        match &self.create_hook {
+            Some(hook) => Ok(hook(step)?),
+            None => Ok(()),
+        }
+    }
+
+    /// Opens the database file at `path`, creating it when it does not exist (or is empty).
+    ///
+    /// Creation is crash-safe: the file is built under a temporary name in the same directory,
+    /// fsynced, linked into place (never replacing a file that appeared meanwhile), and the
+    /// directory is fsynced. A crash leaves either no file or a complete one; it may leave a
+    /// temporary file named `.NAME.mqlite-create-*` behind, which is safe to delete.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotMqliteFile`] for a file that is not an mqlite database,
+    /// [`Error::FormatTooNew`] for a file from a newer mqlite, [`Error::AlreadyOpen`] when
+    /// another handle holds it in a conflicting mode; none of them modifies the file.
+    /// [`Error::Io`] and storage errors.
+    pub fn open(&self, path: impl AsRef<Path>) -> Result<Database> {
+        self.check()?;
+        let path = path.as_ref();
+        let needs_create = match fs::metadata(path) {
+            Ok(meta) => meta.len() == 0,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+            Err(e) => return Err(e.into()),
+        };
+        if needs_create {
+            self.create_file(path)?;
+        }
+        self.check_existing(path)?;
+        let db = self
+            .redb_builder()
+            .open(path)
+            .map_err(|e| open_error(e, path))?;
+        self.finish_open(db, Some(path.to_path_buf()), false)
+    }
+
+    /// Opens a database that lives in memory only; for tests and examples.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors only.
+    pub fn open_in_memory(&self) -> Result<Database> {
+        self.open_backend(redb::backends::InMemoryBackend::new())
+    }
+
+    /// Opens a database on any redb storage backend (for example a fault-injecting one),
+    /// initialising it when the backend is empty.
+    ///
+    /// # Errors
+    ///
+    /// As [`Builder::open`].
+    pub fn open_backend(&self, backend: impl StorageBackend) -> Result<Database> {
+        self.check()?;
+        let db = self
+            .redb_builder()
+            .create_with_backend(backend)
+            .map_err(Error::from)?;
+        self.finish_open(db, None, true)
+    }
+
+    /// Builds a new file under a temporary name and links it into place.
+    fn create_file(&self, path: &Path) -> Result<()> {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| Error::InvalidConfig(format!("{} has no file name", path.display())))?;
+        let temp = dir.join(format!(
+            ".{}.mqlite-create-{}-{}",
+            file_name.to_string_lossy(),
+            std::process::id(),
+            crate::clock::system_now_ms()
+        ));
+        self.hook(CreateStep::CreateTemp)?;
+        {
+            let db = self
+                .redb_builder()
+                .create(&temp)
+                .map_err(|e| open_error(e, &temp))?;
+            self.hook(CreateStep::WriteSchema)?;
+            init_schema(&db)?;
+        }
+        self.hook(CreateStep::SyncTemp)?;
+        File::open(&temp)?.sync_all()?;
+        self.hook(CreateStep::Link)?;
+        let replace_empty = fs::metadata(path).is_ok_and(|m| m.len() == 0);
+        let linked = if replace_empty {
+            fs::rename(&temp, path).map(|()| true)
+        } else {
+            match fs::hard_link(&temp, path) {
+                Ok(()) => Ok(true),
+                // Another opener created it meanwhile: use theirs.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(e),
+            }
+        };
+        let linked = linked?;
+        self.hook(CreateStep::RemoveTemp)?;
+        if !replace_empty {
+            fs::remove_file(&temp)?;
+        }
+        if linked {
+            self.hook(CreateStep::SyncDirectory)?;
+            File::open(&dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Checks an existing file without modifying it: redb's magic, then the meta table
+    /// through a read-only handle.
+    fn check_existing(&self, path: &Path) -> Result<()> {
+        const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+        let mut head = [0u8; 9];
+        let mut file = File::open(path)?;
+        if file.read_exact(&mut head).is_err() || head != REDB_MAGIC {
+            return Err(Error::NotMqliteFile {
+                path: path.to_path_buf(),
+                reason: "no redb header".into(),
+            });
+        }
+        drop(file);
+        let read_only = match self.redb_builder().open_read_only(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(Error::AlreadyOpen {
+                    path: path.to_path_buf(),
+                });
+            }
+            // A file that needs recovery cannot be opened read-only; the writable open
+            // repairs it and checks the format again.
+            Err(_) => return Ok(()),
+        };
+        let txn = read_only.begin_read()?;
+        check_format(&txn, Some(path))
+    }
+
+    fn finish_open(
+        &self,
+        db: redb::Database,
+        path: Option<PathBuf>,
+        init_if_empty: bool,
+    ) -> Result<Database> {
+        {
+            let txn = db.begin_read()?;
+            let empty = txn.list_tables()?.next().is_none();
+            drop(txn);
+            if init_if_empty && empty {
+                init_schema(&db)?;
+            }
+            check_format(&db.begin_read()?, path.as_deref())?;
+        }
+        let shared = Arc::new(Shared {
+            db,
+            limits: self.limits,
+            clock: self.clock.clone(),
+            durability: self.durability,
+            notifier: Arc::new(Notifier::default()),
+            shares_file: self.concurrency != redb::ConcurrencyMode::ExclusiveWriter,
+            dirty: AtomicBool::new(false),
+            flusher: Mutex::new(None),
+        });
+        shared.clock.subscribe(Waker::from(shared.notifier.clone()));
+        if self.durability == Durability::Relaxed {
+            let handle = spawn_flusher(&shared, self.flush_interval_ms)?;
+            *shared.flusher.lock() = Some(handle);
+        }
+        Ok(Database { shared })
+    }
+}
+
+fn init_schema(db: &redb::Database) -> Result<()> {
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        meta.insert(META_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())?;
+        meta.insert(META_NEXT_ID, 1u64.to_le_bytes().as_slice())?;
+        txn.open_table(schema::TOPICS)?;
+        txn.open_table(schema::LOG)?;
+        txn.open_table(schema::LOG_TIME)?;
+        txn.open_table(schema::GROUPS)?;
+        txn.open_table(schema::QUEUES)?;
+        txn.open_table(schema::QUEUE_ENTRIES)?;
+        txn.open_table(schema::QUEUE_READY)?;
+        txn.open_table(schema::QUEUE_TIMERS)?;
+        txn.open_table(schema::BINDINGS)?;
+        txn.open_table(schema::OUTBOX)?;
+        txn.open_table(schema::DEDUP)?;
+        txn.open_table(schema::DEDUP_EXPIRY)?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+fn check_format(txn: &redb::ReadTransaction, path: Option<&Path>) -> Result<()> {
+    let not_ours = |reason: &str| Error::NotMqliteFile {
+        path: path.map_or_else(|| PathBuf::from("<backend>"), Path::to_path_buf),
+        reason: reason.to_owned(),
+    };
+    let meta = match txn.open_table(META) {
+        Ok(meta) => meta,
+        Err(redb::TableError::TableDoesNotExist(_)) => {
+            return Err(not_ours("a redb file without mqlite's meta table"));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Some(version) = meta.get(META_FORMAT)? else {
+        return Err(not_ours("the meta table has no format version"));
+    };
+    let found = codec::decode_u32(version.value(), "meta format_version")?;
+    if found > FORMAT_VERSION {
+        return Err(Error::FormatTooNew {
+            found,
+            supported: FORMAT_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Wakes waiting consumers after a commit, or when a manual clock moves.
+#[derive(Default)]
+pub(crate) struct Notifier {
+    generation: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Notifier {
+    pub(crate) fn notify(&self) {
+        *self.generation.lock() += 1;
+        self.changed.notify_all();
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        *self.generation.lock()
+    }
+
+    /// Waits until the generation moves past `seen` or `until` passes.
+    pub(crate) fn wait(&self, seen: u64, until: Instant) {
+        let mut generation = self.generation.lock();
+        while *generation == seen {
+            if self.changed.wait_until(&mut generation, until).timed_out() {
+                break;
+            }
+        }
+    }
+}
+
+impl Wake for Notifier {
+    fn wake(self: Arc<Self>) {
+        self.notify();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.notify();
+    }
+}
+
+/// State shared by every clone of a [`Database`].
+pub(crate) struct Shared {
+    pub(crate) db: redb::Database,
+    pub(crate) limits: Limits,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) durability: Durability,
+    pub(crate) notifier: Arc<Notifier>,
+    /// Other processes may commit to the file: waits also poll.
+    pub(crate) shares_file: bool,
+    /// Relaxed commits not yet made durable.
+    dirty: AtomicBool,
+    flusher: Mutex<Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>>,
+}
+
+impl Shared {
+    fn commit(&self, txn: WriteTransaction<'_>, durability: Durability) -> Result<()> {
+        let published = txn.published();
+        let mut txn = txn.into_inner();
+        let relaxed = durability == Durability::Relaxed;
+        txn.set_durability(if relaxed {
+            redb::Durability::None
+        } else {
+            redb::Durability::Immediate
+        })?;
+        txn.commit()?;
+        if relaxed {
+            self.dirty.store(true, Ordering::Release);
+        } else {
+            self.dirty.store(false, Ordering::Release);
+        }
+        if published {
+            self.notifier.notify();
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        self.dirty.store(false, Ordering::Release);
+        let mut txn = txn;
+        txn.set_durability(redb::Durability::Immediate)?;
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some((stop, handle)) = self.flusher.lock().take() {
+            drop(stop);
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
+        if self.dirty.load(Ordering::Acquire) {
+            // Best effort on a clean close; an error here has no one to report to, and the
+            // commits it would have made durable are still durable against a process crash.
+            let _ = self.flush();
+        }
+    }
+}
+
+fn spawn_flusher(
+    shared: &Arc<Shared>,
+    interval_ms: u64,
+) -> Result<(crossbeam_channel::Sender<()>, JoinHandle<()>)> {
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+    let weak: Weak<Shared> = Arc::downgrade(shared);
+    let interval = Duration::from_millis(interval_ms);
+    let handle = std::thread::Builder::new()
+        .name("mqlite-flusher".into())
+        .spawn(move || {
+            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(interval)
+            {
+                let Some(shared) = weak.upgrade() else { break };
+                if shared.dirty.load(Ordering::Acquire) {
+                    // A failed flush leaves `dirty` set; the next tick tries again.
+                    if shared.flush().is_err() {
+                        shared.dirty.store(true, Ordering::Release);
+                    }
+                }
+            }
+        })?;
+    Ok((stop, handle))
+}
+
+/// An open mqlite database: one file holding topics, queues, the outbox, dedup entries and the
+/// application's own tables.
+///
+/// Cloning is cheap and shares the same open file; the file closes when the last clone drops.
+/// All methods are safe to call from many threads.
+///
+/// # Examples
+///
+/// ```
+/// use mqlite::{Database, Message, StartAt, TopicConfig};
+/// let db = Database::in_memory()?;
+/// db.write(|txn| {
+///     txn.create_topic("events", TopicConfig::default())?;
+///     txn.publish("events", &Message::new("hello"))
+/// })?;
+/// let mut consumer = db.consumer("events", "audit", StartAt::Earliest)?;
+/// let records = consumer.poll(10, std::time::Duration::ZERO)?;
+/// assert_eq!(records[0].message.payload, b"hello");
+/// consumer.commit()?;
+/// # Ok::<(), mqlite::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Database {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database")
+            .field("durability", &self.shared.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Database {
+    /// Opens (creating if missing) the database file at `path` with default options.
+    ///
+    /// # Errors
+    ///
+    /// As [`Builder::open`].
+    pub fn open(path: impl AsRef<Path>) -> Result<Database> {
+        Builder::default().open(path)
+    }
+
+    /// A [`Builder`] with every option at its default.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// A database in memory, with default options; for tests and examples.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors only.
+    pub fn in_memory() -> Result<Database> {
+        Builder::default().open_in_memory()
+    }
+
+    /// Runs `f` in a write transaction and commits it with the database's default
+    /// durability. Everything `f` does through the transaction (domain tables, publishes,
+    /// enqueues, acks, offsets, outbox, dedup) commits together; if `f` returns an error,
+    /// none of it does and the error is returned.
+    ///
+    /// `f` may be run more than once (group commit re-runs a batch without a failed member),
+    /// so it must not have effects outside the transaction; keep slow work outside it.
+    ///
+    /// # Errors
+    ///
+    /// `f`'s own error, or an [`Error`] from beginning or committing: [`Error::StorageFull`],
+    /// [`Error::Io`] and the like mean the commit did not happen and nothing already committed
+    /// was lost.
+    pub fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnMut(&WriteTransaction<'_>) -> Result<T, E>,
+        E: From<Error>,
+    {
+        self.write_with(self.shared.durability, f)
+    }
+
+    /// [`Database::write`] with an explicit durability for this commit.
+    ///
+    /// # Errors
+    ///
+    /// As [`Database::write`].
+    pub fn write_with<T, E, F>(&self, durability: Durability, mut f: F) -> Result<T, E>
+    where
+        F: FnMut(&WriteTransaction<'_>) -> Result<T, E>,
+        E: From<Error>,
+    {
+        let redb_txn = self.shared.db.begin_write().map_err(Error::from)?;
+        let txn = WriteTransaction::new(redb_txn, &self.shared);
+        let value = f(&txn)?;
+        self.shared.commit(txn, durability)?;
+        Ok(value)
+    }
+
+    /// Runs `f` on a consistent snapshot.
+    ///
+    /// # Errors
+    ///
+    /// `f`'s own error, or an error beginning the snapshot.
+    pub fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&ReadTransaction) -> Result<T, E>,
+        E: From<Error>,
+    {
+        f(&self.begin_read()?)
+    }
+
+    /// Begins a snapshot that lives until dropped. A long-lived snapshot keeps the pages it
+    /// sees from being reused, so the file grows while it is open.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub fn begin_read(&self) -> Result<ReadTransaction> {
+        Ok(ReadTransaction::new(self.shared.db.begin_read()?))
+    }
+
+    /// Makes every commit so far durable (fsync). Needed only with [`Durability::Relaxed`].
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub fn flush(&self) -> Result<()> {
+        self.shared.flush()
+    }
+
+    /// Applies every topic's retention, in transactions of at most 1024 removed messages each
+    /// (never one giant transaction). Publishing applies the bounds too, but only to the topic
+    /// published to and in a small step; call this periodically for age bounds on quiet topics
+    /// and for backlogs after a bound was lowered.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors; the batches committed before the error stay committed.
+    pub fn enforce_retention(&self) -> Result<RetentionReport> {
+        let names: Vec<String> = self
+            .read(|r| r.topics())?
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        let mut report = RetentionReport::default();
+        for name in names {
+            loop {
+                let removed = self.write(|txn| {
+                    let mut topics = txn.table(schema::TOPICS)?;
+                    let mut record = match crate::topic::load(&topics, &name) {
+                        Ok(r) => r,
+                        Err(Error::UnknownTopic { .. }) => return Ok(0),
+                        Err(e) => return Err(e),
+                    };
+                    let removed = trim(txn, &mut record, RETENTION_BATCH, txn.now_ms())?;
+                    if removed > 0 {
+                        topics.insert(name.as_str(), codec::encode_topic(&record).as_slice())?;
+                    }
+                    Ok::<_, Error>(removed)
+                })?;
+                report.transactions += 1;
+                report.removed += removed;
+                if removed < RETENTION_BATCH {
+                    break;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// The database clock's current time in milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        self.shared.clock.now_ms()
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.shared.limits
+    }
+
+    /// Calls `attempt` until it yields a value or `timeout` passes, sleeping between attempts
+    /// until a commit in this process (or a manual clock move) wakes it, or until the clock
+    /// time `attempt` reports as the next moment something comes due.
+    pub(crate) fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        mut attempt: impl FnMut() -> Result<(Option<T>, Option<u64>)>,
+    ) -> Result<Option<T>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.shared.notifier.generation();
+            let (value, next_due_ms) = attempt()?;
+            if value.is_some() {
+                return Ok(value);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let mut until = deadline;
+            if let Some(due) = next_due_ms {
+                let wait_ms = due.saturating_sub(self.shared.clock.now_ms()).max(1);
+                until = until.min(now + Duration::from_millis(wait_ms));
+            }
+            if self.shared.shares_file {
+                // Another process's commit does not reach this notifier: look again soon.
+                until = until.min(now + Duration::from_millis(2));
+            }
+            self.shared.notifier.wait(seen, until);
+        }
+    }
+}

@@ -1,0 +1,44 @@
+#![doc = include_str!("../README.md")]
+//!
+//! # Where things are
+//!
+//! - [`Database`] and [`Builder`]: open a file, [`Database::write`] and [`Database::read`].
+//! - [`WriteTransaction`]: topics, queues, bindings, the outbox and dedup, and your own tables,
+//!   in one commit. [`ReadTransaction`]: the same things, read from a snapshot.
+//! - [`Message`], [`MessageId`]: what is published.
+//! - [`Consumer`] (topics) and [`Database::receive`] (queues): blocking consumption.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod clock;
+mod codec;
+mod consumer;
+mod db;
+mod error;
+mod message;
+mod names;
+mod queue;
+mod routing;
+mod schema;
+mod topic;
+mod txn;
+
+/// The redb version mqlite is built on, for the application's own tables.
+pub use redb;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use consumer::Consumer;
+pub use db::{Builder, CreateStep, Database, Durability, Limits};
+pub use error::{Error, Result};
+pub use message::{Message, MessageId};
+pub use names::MAX_NAME_BYTES;
+pub use queue::{
+    Death, DeathReason, Delivery, EnqueueOptions, Lease, MAX_DELIVERIES_LIMIT, MAX_LEASE_MS,
+    MAX_PRIORITY, Nack, Overflow, QueueConfig, QueueInfo,
+};
+pub use routing::{Binding, BindingInfo, HeaderMatch, MAX_ROUTING_KEY_BYTES, pattern_matches};
+pub use topic::{GroupInfo, Record, Retention, RetentionReport, StartAt, TopicConfig, TopicInfo};
+pub use txn::{ReadTransaction, WriteTransaction};
+
+#[doc(hidden)]
+pub use codec::{fuzz_decode_message, fuzz_encode_message};

@@ -1,0 +1,980 @@
+//! Work queues: leases, ack / nack / extend, delays, priorities, dead-lettering.
+//!
+//! Every entry is in exactly one state: ready (listed in `QUEUE_READY`), delayed or in flight
+//! (listed in `QUEUE_TIMERS` under the time it comes due). Receive first moves due timers back
+//! to ready (a delay ran out, or a lease expired), then leases the first ready entries. The
+//! delivery count is written in the same commit that hands the entry out.
+
+use redb::ReadableTable;
+
+use crate::codec::{self, EntryState, QueueEntry, QueueRecord};
+use crate::error::{Error, Result};
+use crate::message::{Message, check_message};
+use crate::schema::{QUEUE_ENTRIES, QUEUE_READY, QUEUE_TIMERS, QUEUES, priority_rank};
+use crate::txn::WriteTransaction;
+use crate::{names, routing};
+
+/// The highest priority; priorities run from 0 (the default) to this, higher first.
+pub const MAX_PRIORITY: u8 = 9;
+/// The longest lease: 12 hours.
+pub const MAX_LEASE_MS: u64 = 12 * 3_600_000;
+/// The most deliveries a queue may allow before dead-lettering.
+pub const MAX_DELIVERIES_LIMIT: u32 = 10_000;
+/// How many due timers one receive moves back to ready at most.
+const PROMOTE_BATCH: usize = 1024;
+
+/// What a full queue does with one more message.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// Dead-letter the oldest ready message (reason `maxlen`) to make room. The default.
+    #[default]
+    DropOldest,
+    /// Refuse the new message with [`Error::QueueFull`], failing its transaction.
+    RejectPublish,
+}
+
+/// A queue's configuration.
+///
+/// # Examples
+///
+/// ```
+/// use mqlite::QueueConfig;
+/// let config = QueueConfig::default()
+///     .lease_ms(10_000)
+///     .max_deliveries(5)
+///     .dead_letter("jobs-dlq");
+/// assert_eq!(config.lease_ms, 10_000);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// How long a receive holds a message before it is delivered again. Default 30 000 ms;
+    /// 1 ms to [`MAX_LEASE_MS`].
+    pub lease_ms: u64,
+    /// Deliveries allowed before the message is dead-lettered with reason `delivery_limit`.
+    /// Default 20 (as RabbitMQ 4 quorum queues); 1 to [`MAX_DELIVERIES_LIMIT`].
+    pub max_deliveries: u32,
+    /// The queue that receives dead-lettered messages. `None` (the default): they are dropped,
+    /// as RabbitMQ does without a dead-letter exchange.
+    pub dead_letter: Option<String>,
+    /// Most messages ready or delayed at once. `None` (the default): unbounded.
+    pub max_length: Option<u64>,
+    /// What a full queue does.
+    pub overflow: Overflow,
+    /// Messages not received within this time after enqueue are dead-lettered with reason
+    /// `expired`. `None` (the default): no expiry.
+    pub message_ttl_ms: Option<u64>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            lease_ms: 30_000,
+            max_deliveries: 20,
+            dead_letter: None,
+            max_length: None,
+            overflow: Overflow::DropOldest,
+            message_ttl_ms: None,
+        }
+    }
+}
+
+impl QueueConfig {
+    /// Sets the lease length (visibility timeout).
+    pub fn lease_ms(mut self, lease_ms: u64) -> Self {
+        self.lease_ms = lease_ms;
+        self
+    }
+
+    /// Sets the delivery limit.
+    pub fn max_deliveries(mut self, max_deliveries: u32) -> Self {
+        self.max_deliveries = max_deliveries;
+        self
+    }
+
+    /// Sets the dead-letter queue.
+    pub fn dead_letter(mut self, queue: impl Into<String>) -> Self {
+        self.dead_letter = Some(queue.into());
+        self
+    }
+
+    /// Sets the maximum length and the overflow policy.
+    pub fn max_length(mut self, max_length: u64, overflow: Overflow) -> Self {
+        self.max_length = Some(max_length);
+        self.overflow = overflow;
+        self
+    }
+
+    /// Sets the message time-to-live.
+    pub fn message_ttl_ms(mut self, ttl_ms: u64) -> Self {
+        self.message_ttl_ms = Some(ttl_ms);
+        self
+    }
+
+    fn check(&self) -> Result<()> {
+        if !(1..=MAX_LEASE_MS).contains(&self.lease_ms) {
+            return Err(Error::LimitExceeded {
+                limit: "lease length ms",
+                value: self.lease_ms,
+                max: MAX_LEASE_MS,
+            });
+        }
+        if !(1..=MAX_DELIVERIES_LIMIT).contains(&self.max_deliveries) {
+            return Err(Error::LimitExceeded {
+                limit: "max deliveries",
+                value: u64::from(self.max_deliveries),
+                max: u64::from(MAX_DELIVERIES_LIMIT),
+            });
+        }
+        if let Some(dlq) = &self.dead_letter {
+            names::check("queue", dlq)?;
+        }
+        Ok(())
+    }
+}
+
+/// Options for one enqueue.
+///
+/// A message routed from a topic takes them from its headers: `x-priority` and `x-delay`
+/// (milliseconds), both ASCII decimal, as RabbitMQ's priority queues and delayed-message
+/// exchange read them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnqueueOptions {
+    /// Not visible before this many milliseconds from now.
+    pub delay_ms: u64,
+    /// 0 to [`MAX_PRIORITY`], higher first. FIFO within one priority.
+    pub priority: u8,
+}
+
+impl EnqueueOptions {
+    /// Reads `x-priority` and `x-delay` from the message headers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] when either header is not a decimal number, or the priority is
+    /// above [`MAX_PRIORITY`].
+    pub fn from_headers(message: &Message) -> Result<Self> {
+        let number = |name: &str| -> Result<Option<u64>> {
+            match message.header(name) {
+                None => Ok(None),
+                Some(v) => std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .map(Some)
+                    .ok_or_else(|| Error::InvalidConfig(format!("header {name} is not a number"))),
+            }
+        };
+        let priority = number("x-priority")?.unwrap_or(0);
+        let options = EnqueueOptions {
+            delay_ms: number("x-delay")?.unwrap_or(0),
+            priority: u8::try_from(priority).unwrap_or(u8::MAX),
+        };
+        options.check()?;
+        Ok(options)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.priority > MAX_PRIORITY {
+            return Err(Error::LimitExceeded {
+                limit: "priority",
+                value: u64::from(self.priority),
+                max: u64::from(MAX_PRIORITY),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Why a message was dead-lettered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeathReason {
+    /// Nacked with [`Nack::DeadLetter`].
+    Rejected,
+    /// Its time-to-live ran out.
+    Expired,
+    /// Dropped from the head of a full queue.
+    MaxLength,
+    /// Delivered `max_deliveries` times without an ack.
+    DeliveryLimit,
+}
+
+impl DeathReason {
+    /// The name RabbitMQ uses in `x-death`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeathReason::Rejected => "rejected",
+            DeathReason::Expired => "expired",
+            DeathReason::MaxLength => "maxlen",
+            DeathReason::DeliveryLimit => "delivery_limit",
+        }
+    }
+}
+
+/// One line of a message's dead-letter history (RabbitMQ's `x-death`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Death {
+    /// The queue the message died in.
+    pub queue: String,
+    /// Why.
+    pub reason: DeathReason,
+    /// How many times it died there for this reason.
+    pub count: u32,
+    /// The first time (clock milliseconds).
+    pub first_ms: u64,
+    /// The last time (clock milliseconds).
+    pub last_ms: u64,
+}
+
+/// What to do with a message that was not processed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nack {
+    /// Make it ready again at once (it keeps its place by sequence, so it goes first).
+    Requeue,
+    /// Make it ready again after this many milliseconds (a retry with backoff).
+    RequeueAfter(u64),
+    /// Dead-letter it with reason `rejected`.
+    DeadLetter,
+}
+
+/// The handle that settles one delivery: pass it to ack, nack or extend.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Lease {
+    /// The queue.
+    pub queue: String,
+    /// The entry's sequence number in the queue.
+    pub sequence: u64,
+    /// The delivery this lease belongs to; a later delivery makes this lease stale.
+    pub delivery_count: u32,
+}
+
+/// A message received from a queue under a lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// The message.
+    pub message: Message,
+    /// How many times it has been handed out, this time included.
+    pub delivery_count: u32,
+    /// Whether it was handed out before.
+    pub redelivered: bool,
+    /// When the lease runs out (clock milliseconds).
+    pub lease_until_ms: u64,
+    /// Its dead-letter history, oldest first (empty unless it was dead-lettered before).
+    pub deaths: Vec<Death>,
+    /// Its priority.
+    pub priority: u8,
+    /// The lease to settle it with.
+    pub lease: Lease,
+}
+
+/// A queue's configuration and counts, as of one snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// The queue name.
+    pub name: String,
+    /// Its configuration.
+    pub config: QueueConfig,
+    /// Messages ready to be received.
+    pub ready: u64,
+    /// Messages leased to a consumer (including expired leases not yet reclaimed by a
+    /// receive).
+    pub in_flight: u64,
+    /// Messages waiting for their delay.
+    pub delayed: u64,
+    /// Messages this queue has dead-lettered since it was created.
+    pub dead_lettered: u64,
+    /// Enqueue time of the oldest message still held, if any (clock milliseconds).
+    pub oldest_enqueued_ms: Option<u64>,
+}
+
+impl QueueInfo {
+    /// Messages held: ready, in flight and delayed.
+    pub fn depth(&self) -> u64 {
+        self.ready + self.in_flight + self.delayed
+    }
+}
+
+pub(crate) fn load(
+    queues: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+) -> Result<QueueRecord> {
+    match queues.get(name)? {
+        Some(value) => codec::decode_queue(value.value()),
+        None => Err(Error::UnknownQueue {
+            queue: name.to_owned(),
+        }),
+    }
+}
+
+pub(crate) fn info(
+    entries: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    name: &str,
+    q: &QueueRecord,
+) -> Result<QueueInfo> {
+    let oldest = match entries.range((q.id, 0)..=(q.id, u64::MAX))?.next() {
+        Some(entry) => Some(codec::decode_entry(entry?.1.value())?.enqueued_ms),
+        None => None,
+    };
+    Ok(QueueInfo {
+        name: name.to_owned(),
+        config: q.config.clone(),
+        ready: q.ready,
+        in_flight: q.in_flight,
+        delayed: q.delayed,
+        dead_lettered: q.dead_lettered,
+        oldest_enqueued_ms: oldest,
+    })
+}
+
+/// The open tables of one queue operation, with the queue's record held until `store`.
+struct QueueOp<'t> {
+    name: String,
+    record: QueueRecord,
+    entries: redb::Table<'t, (u64, u64), &'static [u8]>,
+    ready: redb::Table<'t, (u64, u8, u64), ()>,
+    timers: redb::Table<'t, (u64, u64, u64), ()>,
+    now_ms: u64,
+}
+
+impl<'t> QueueOp<'t> {
+    fn open(txn: &'t WriteTransaction<'_>, name: &str) -> Result<Self> {
+        let record = load(&txn.table(QUEUES)?, name)?;
+        Ok(QueueOp {
+            name: name.to_owned(),
+            record,
+            entries: txn.table(QUEUE_ENTRIES)?,
+            ready: txn.table(QUEUE_READY)?,
+            timers: txn.table(QUEUE_TIMERS)?,
+            now_ms: txn.now_ms(),
+        })
+    }
+
+    fn store(self, txn: &WriteTransaction<'_>) -> Result<()> {
+        txn.table(QUEUES)?.insert(
+            self.name.as_str(),
+            codec::encode_queue(&self.record).as_slice(),
+        )?;
+        Ok(())
+    }
+
+    fn id(&self) -> u64 {
+        self.record.id
+    }
+
+    fn get(&self, seq: u64) -> Result<Option<QueueEntry>> {
+        match self.entries.get((self.id(), seq))? {
+            Some(v) => Ok(Some(codec::decode_entry(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put(&mut self, seq: u64, entry: &QueueEntry) -> Result<()> {
+        let id = self.id();
+        self.entries
+            .insert((id, seq), codec::encode_entry(entry).as_slice())?;
+        Ok(())
+    }
+
+    /// Takes an entry out of whatever index lists it, and out of the counts.
+    fn unlist(&mut self, seq: u64, entry: &QueueEntry) -> Result<()> {
+        let id = self.id();
+        match entry.state {
+            EntryState::Ready => {
+                self.ready
+                    .remove((id, priority_rank(entry.priority), seq))?;
+                self.record.ready -= 1;
+            }
+            EntryState::Delayed => {
+                self.timers.remove((id, entry.due_ms, seq))?;
+                self.record.delayed -= 1;
+            }
+            EntryState::InFlight => {
+                self.timers.remove((id, entry.due_ms, seq))?;
+                self.record.in_flight -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lists an entry under its state, counts it, and stores it.
+    fn list(&mut self, seq: u64, entry: &QueueEntry) -> Result<()> {
+        let id = self.id();
+        match entry.state {
+            EntryState::Ready => {
+                self.ready
+                    .insert((id, priority_rank(entry.priority), seq), ())?;
+                self.record.ready += 1;
+            }
+            EntryState::Delayed => {
+                self.timers.insert((id, entry.due_ms, seq), ())?;
+                self.record.delayed += 1;
+            }
+            EntryState::InFlight => {
+                self.timers.insert((id, entry.due_ms, seq), ())?;
+                self.record.in_flight += 1;
+            }
+        }
+        self.put(seq, entry)
+    }
+
+    /// Moves due timers back to ready: delays that ran out and leases that expired.
+    fn promote_due(&mut self, txn: &WriteTransaction<'_>) -> Result<()> {
+        let id = self.id();
+        let due: Vec<(u64, u64)> = self
+            .timers
+            .range((id, 0, 0)..=(id, self.now_ms, u64::MAX))?
+            .take(PROMOTE_BATCH)
+            .map(|e| e.map(|(k, _)| (k.value().1, k.value().2)))
+            .collect::<Result<_, _>>()?;
+        for (_, seq) in due {
+            let Some(mut entry) = self.get(seq)? else {
+                continue;
+            };
+            self.unlist(seq, &entry)?;
+            entry.state = EntryState::Ready;
+            if entry.delivery_count >= self.record.config.max_deliveries {
+                self.dead_letter(txn, seq, entry, DeathReason::DeliveryLimit)?;
+            } else {
+                self.list(seq, &entry)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes an (already unlisted) entry and sends it to the dead-letter queue, if any.
+    fn dead_letter(
+        &mut self,
+        txn: &WriteTransaction<'_>,
+        seq: u64,
+        mut entry: QueueEntry,
+        reason: DeathReason,
+    ) -> Result<()> {
+        let id = self.id();
+        self.entries.remove((id, seq))?;
+        self.record.dead_lettered += 1;
+        let Some(dlq) = self.record.config.dead_letter.clone() else {
+            return Ok(());
+        };
+        let now = self.now_ms;
+        match entry
+            .deaths
+            .iter_mut()
+            .find(|d| d.queue == self.name && d.reason == reason)
+        {
+            Some(death) => {
+                death.count += 1;
+                death.last_ms = now;
+            }
+            None => entry.deaths.push(Death {
+                queue: self.name.clone(),
+                reason,
+                count: 1,
+                first_ms: now,
+                last_ms: now,
+            }),
+        }
+        if dlq == self.name {
+            // Dead-lettering into itself re-enqueues at the back, as a fresh entry.
+            let seq = self.record.next_seq;
+            self.record.next_seq += 1;
+            let fresh = fresh_entry(entry.message, 0, entry.deaths, now, &self.record.config);
+            return self.list(seq, &fresh);
+        }
+        insert_entry(
+            txn,
+            &dlq,
+            entry.message,
+            EnqueueOptions::default(),
+            entry.deaths,
+        )
+    }
+
+    /// Makes room under `max_length`; returns false when the new message must be refused.
+    fn make_room(&mut self, txn: &WriteTransaction<'_>) -> Result<bool> {
+        let Some(max) = self.record.config.max_length else {
+            return Ok(true);
+        };
+        while self.record.ready + self.record.delayed >= max {
+            if self.record.config.overflow == Overflow::RejectPublish || max == 0 {
+                return Ok(false);
+            }
+            let id = self.id();
+            let head = match self
+                .ready
+                .range((id, 0, 0)..=(id, u8::MAX, u64::MAX))?
+                .next()
+            {
+                Some(e) => e?.0.value().2,
+                None => return Ok(false),
+            };
+            let Some(entry) = self.get(head)? else {
+                return Err(Error::corrupted("queue ready index points at no entry"));
+            };
+            self.unlist(head, &entry)?;
+            self.dead_letter(txn, head, entry, DeathReason::MaxLength)?;
+        }
+        Ok(true)
+    }
+
+    /// Checks that `lease` is the current lease of its entry.
+    fn leased(&self, lease: &Lease) -> Result<QueueEntry> {
+        match self.get(lease.sequence)? {
+            Some(entry)
+                if entry.state == EntryState::InFlight
+                    && entry.delivery_count == lease.delivery_count =>
+            {
+                Ok(entry)
+            }
+            _ => Err(Error::StaleLease {
+                queue: lease.queue.clone(),
+            }),
+        }
+    }
+}
+
+fn fresh_entry(
+    message: Message,
+    delay_ms: u64,
+    deaths: Vec<Death>,
+    now_ms: u64,
+    config: &QueueConfig,
+) -> QueueEntry {
+    QueueEntry {
+        message,
+        state: if delay_ms > 0 {
+            EntryState::Delayed
+        } else {
+            EntryState::Ready
+        },
+        priority: 0,
+        delivery_count: 0,
+        due_ms: now_ms.saturating_add(delay_ms),
+        enqueued_ms: now_ms,
+        expires_ms: config
+            .message_ttl_ms
+            .map(|ttl| now_ms.saturating_add(delay_ms).saturating_add(ttl)),
+        deaths,
+    }
+}
+
+fn insert_entry(
+    txn: &WriteTransaction<'_>,
+    queue: &str,
+    message: Message,
+    options: EnqueueOptions,
+    deaths: Vec<Death>,
+) -> Result<()> {
+    let mut op = QueueOp::open(txn, queue)?;
+    if !op.make_room(txn)? {
+        return Err(Error::QueueFull {
+            queue: queue.to_owned(),
+            max_length: op.record.config.max_length.unwrap_or(0),
+        });
+    }
+    let seq = op.record.next_seq;
+    op.record.next_seq += 1;
+    let mut entry = fresh_entry(
+        message,
+        options.delay_ms,
+        deaths,
+        op.now_ms,
+        &op.record.config,
+    );
+    entry.priority = options.priority;
+    op.list(seq, &entry)?;
+    op.store(txn)
+}
+
+pub(crate) fn enqueue_with(
+    txn: &WriteTransaction<'_>,
+    queue: &str,
+    message: &Message,
+    options: EnqueueOptions,
+) -> Result<()> {
+    options.check()?;
+    let mut message = message.clone();
+    if message.timestamp_ms == 0 {
+        message.timestamp_ms = txn.now_ms();
+    }
+    insert_entry(txn, queue, message, options, Vec::new())?;
+    txn.mark_published();
+    Ok(())
+}
+
+impl WriteTransaction<'_> {
+    /// Creates a queue.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`], [`Error::QueueExists`], [`Error::LimitExceeded`] for a lease or
+    /// delivery limit out of range, [`Error::UnknownQueue`] when the dead-letter queue does not
+    /// exist (create it first; a queue may name itself).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use mqlite::QueueConfig;
+    /// let db = mqlite::Database::in_memory()?;
+    /// db.write(|txn| {
+    ///     txn.create_queue("jobs-dlq", QueueConfig::default())?;
+    ///     txn.create_queue("jobs", QueueConfig::default().dead_letter("jobs-dlq"))
+    /// })?;
+    /// # Ok::<(), mqlite::Error>(())
+    /// ```
+    pub fn create_queue(&self, name: &str, config: QueueConfig) -> Result<()> {
+        names::check("queue", name)?;
+        config.check()?;
+        let mut queues = self.table(QUEUES)?;
+        if queues.get(name)?.is_some() {
+            return Err(Error::QueueExists {
+                queue: name.to_owned(),
+            });
+        }
+        check_dead_letter_target(&queues, name, &config)?;
+        let record = QueueRecord {
+            id: self.next_id()?,
+            config,
+            next_seq: 0,
+            ready: 0,
+            in_flight: 0,
+            delayed: 0,
+            dead_lettered: 0,
+        };
+        queues.insert(name, codec::encode_queue(&record).as_slice())?;
+        Ok(())
+    }
+
+    /// Creates a queue unless one of that name exists; returns whether it created one.
+    ///
+    /// # Errors
+    ///
+    /// As [`WriteTransaction::create_queue`], except [`Error::QueueExists`].
+    pub fn ensure_queue(&self, name: &str, config: QueueConfig) -> Result<bool> {
+        match self.create_queue(name, config) {
+            Ok(()) => Ok(true),
+            Err(Error::QueueExists { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces a queue's configuration. A new lease length applies to later receives.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownQueue`], and the configuration errors of
+    /// [`WriteTransaction::create_queue`].
+    pub fn configure_queue(&self, name: &str, config: QueueConfig) -> Result<()> {
+        config.check()?;
+        let mut queues = self.table(QUEUES)?;
+        let mut record = load(&queues, name)?;
+        check_dead_letter_target(&queues, name, &config)?;
+        record.config = config;
+        queues.insert(name, codec::encode_queue(&record).as_slice())?;
+        Ok(())
+    }
+
+    /// Deletes a queue with its messages and the bindings into it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownQueue`]; [`Error::QueueInUse`] while another queue dead-letters into it.
+    pub fn delete_queue(&self, name: &str) -> Result<()> {
+        let mut queues = self.table(QUEUES)?;
+        let record = load(&queues, name)?;
+        for entry in queues.iter()? {
+            let (key, value) = entry?;
+            let other = codec::decode_queue(value.value())?;
+            if key.value() != name && other.config.dead_letter.as_deref() == Some(name) {
+                return Err(Error::QueueInUse {
+                    queue: name.to_owned(),
+                    reason: format!("queue {:?} dead-letters into it", key.value()),
+                });
+            }
+        }
+        queues.remove(name)?;
+        let id = record.id;
+        self.table(QUEUE_ENTRIES)?
+            .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        self.table(QUEUE_READY)?
+            .retain_in((id, 0, 0)..=(id, u8::MAX, u64::MAX), |_, _| false)?;
+        self.table(QUEUE_TIMERS)?
+            .retain_in((id, 0, 0)..=(id, u64::MAX, u64::MAX), |_, _| false)?;
+        routing::remove_queue_bindings(self, name)?;
+        Ok(())
+    }
+
+    /// Puts a message into a queue directly (not through a topic).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownQueue`], [`Error::MessageTooLarge`] and the other message limits,
+    /// [`Error::QueueFull`] for a full queue that rejects.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let db = mqlite::Database::in_memory()?;
+    /// # db.write(|txn| txn.create_queue("jobs", Default::default()))?;
+    /// db.write(|txn| txn.enqueue("jobs", &mqlite::Message::new("resize 42.png")))?;
+    /// # Ok::<(), mqlite::Error>(())
+    /// ```
+    pub fn enqueue(&self, queue: &str, message: &Message) -> Result<()> {
+        self.enqueue_with(queue, message, EnqueueOptions::default())
+    }
+
+    /// Puts a message into a queue with a delay and a priority.
+    ///
+    /// # Errors
+    ///
+    /// As [`WriteTransaction::enqueue`], plus [`Error::LimitExceeded`] for a priority above
+    /// [`MAX_PRIORITY`].
+    pub fn enqueue_with(
+        &self,
+        queue: &str,
+        message: &Message,
+        options: EnqueueOptions,
+    ) -> Result<()> {
+        check_message(message, &self.shared.limits)?;
+        enqueue_with(self, queue, message, options)
+    }
+
+    /// Leases up to `max` ready messages, highest priority first, FIFO within a priority.
+    ///
+    /// First moves due timers back to ready: delays that ran out, and leases that expired
+    /// (those come back with `redelivered` set). A message already delivered `max_deliveries`
+    /// times is dead-lettered instead; an expired one (TTL) likewise. Each delivery count is
+    /// written in this transaction, so it counts even if the process dies before the ack.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownQueue`], [`Error::LimitExceeded`] when `max` is above the batch limit.
+    pub fn receive(&self, queue: &str, max: usize) -> Result<Vec<Delivery>> {
+        if max > self.shared.limits.max_batch {
+            return Err(Error::LimitExceeded {
+                limit: "receive batch size",
+                value: max as u64,
+                max: self.shared.limits.max_batch as u64,
+            });
+        }
+        let mut op = QueueOp::open(self, queue)?;
+        op.promote_due(self)?;
+        let id = op.id();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let head = match op.ready.range((id, 0, 0)..=(id, u8::MAX, u64::MAX))?.next() {
+                Some(e) => e?.0.value().2,
+                None => break,
+            };
+            let Some(mut entry) = op.get(head)? else {
+                return Err(Error::corrupted("queue ready index points at no entry"));
+            };
+            op.unlist(head, &entry)?;
+            if entry.expires_ms.is_some_and(|at| at <= op.now_ms) {
+                op.dead_letter(self, head, entry, DeathReason::Expired)?;
+                continue;
+            }
+            if entry.delivery_count >= op.record.config.max_deliveries {
+                op.dead_letter(self, head, entry, DeathReason::DeliveryLimit)?;
+                continue;
+            }
+            entry.delivery_count += 1;
+            entry.state = EntryState::InFlight;
+            entry.due_ms = op.now_ms.saturating_add(op.record.config.lease_ms);
+            op.list(head, &entry)?;
+            out.push(Delivery {
+                lease: Lease {
+                    queue: queue.to_owned(),
+                    sequence: head,
+                    delivery_count: entry.delivery_count,
+                },
+                redelivered: entry.delivery_count > 1,
+                delivery_count: entry.delivery_count,
+                lease_until_ms: entry.due_ms,
+                priority: entry.priority,
+                deaths: entry.deaths,
+                message: entry.message,
+            });
+        }
+        op.store(self)?;
+        Ok(out)
+    }
+
+    /// Acknowledges a delivery: the message is deleted.
+    ///
+    /// A lease that ran out is still accepted as long as the message was not delivered again.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StaleLease`] when the message was delivered again or already settled; nothing
+    /// changes. [`Error::UnknownQueue`].
+    pub fn ack(&self, lease: &Lease) -> Result<()> {
+        let mut op = QueueOp::open(self, &lease.queue)?;
+        let entry = op.leased(lease)?;
+        op.unlist(lease.sequence, &entry)?;
+        let id = op.id();
+        op.entries.remove((id, lease.sequence))?;
+        op.store(self)
+    }
+
+    /// Gives a delivery back: requeue now, requeue after a delay, or dead-letter. A requeue of
+    /// a message that has used up its deliveries dead-letters it (reason `delivery_limit`).
+    ///
+    /// # Errors
+    ///
+    /// As [`WriteTransaction::ack`].
+    pub fn nack(&self, lease: &Lease, action: Nack) -> Result<()> {
+        let mut op = QueueOp::open(self, &lease.queue)?;
+        let mut entry = op.leased(lease)?;
+        op.unlist(lease.sequence, &entry)?;
+        let exhausted = entry.delivery_count >= op.record.config.max_deliveries;
+        match action {
+            Nack::DeadLetter => {
+                op.dead_letter(self, lease.sequence, entry, DeathReason::Rejected)?;
+            }
+            _ if exhausted => {
+                op.dead_letter(self, lease.sequence, entry, DeathReason::DeliveryLimit)?;
+            }
+            Nack::Requeue => {
+                entry.state = EntryState::Ready;
+                op.list(lease.sequence, &entry)?;
+            }
+            Nack::RequeueAfter(delay_ms) => {
+                entry.state = EntryState::Delayed;
+                entry.due_ms = op.now_ms.saturating_add(delay_ms);
+                op.list(lease.sequence, &entry)?;
+            }
+        }
+        op.store(self)?;
+        self.mark_published();
+        Ok(())
+    }
+
+    /// Extends a lease to `lease_ms` from now; returns the new expiry.
+    ///
+    /// # Errors
+    ///
+    /// As [`WriteTransaction::ack`], plus [`Error::LimitExceeded`] above [`MAX_LEASE_MS`].
+    pub fn extend(&self, lease: &Lease, lease_ms: u64) -> Result<u64> {
+        if lease_ms > MAX_LEASE_MS {
+            return Err(Error::LimitExceeded {
+                limit: "lease length ms",
+                value: lease_ms,
+                max: MAX_LEASE_MS,
+            });
+        }
+        let mut op = QueueOp::open(self, &lease.queue)?;
+        let mut entry = op.leased(lease)?;
+        op.unlist(lease.sequence, &entry)?;
+        entry.due_ms = op.now_ms.saturating_add(lease_ms);
+        op.list(lease.sequence, &entry)?;
+        op.store(self)?;
+        Ok(entry.due_ms)
+    }
+
+    /// Moves up to `max` messages from a dead-letter queue back to the queue each came from
+    /// (its last death), with a fresh delivery count; they keep their death history. Returns
+    /// how many moved. Messages whose source queue no longer exists stay.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownQueue`].
+    pub fn redrive(&self, dead_letter_queue: &str, max: usize) -> Result<u64> {
+        let mut op = QueueOp::open(self, dead_letter_queue)?;
+        let id = op.id();
+        let mut moved = 0;
+        let candidates: Vec<u64> = op
+            .ready
+            .range((id, 0, 0)..=(id, u8::MAX, u64::MAX))?
+            .map(|e| e.map(|(k, _)| k.value().2))
+            .collect::<Result<_, _>>()?;
+        let queues = self.table(QUEUES)?;
+        let mut targets = Vec::new();
+        for seq in candidates {
+            if targets.len() >= max {
+                break;
+            }
+            let Some(entry) = op.get(seq)? else { continue };
+            let Some(source) = entry.deaths.last().map(|d| d.queue.clone()) else {
+                continue;
+            };
+            if source == dead_letter_queue || queues.get(source.as_str())?.is_none() {
+                continue;
+            }
+            op.unlist(seq, &entry)?;
+            op.entries.remove((id, seq))?;
+            targets.push((source, entry));
+        }
+        drop(queues);
+        op.store(self)?;
+        for (source, entry) in targets {
+            insert_entry(
+                self,
+                &source,
+                entry.message,
+                EnqueueOptions::default(),
+                entry.deaths,
+            )?;
+            moved += 1;
+        }
+        self.mark_published();
+        Ok(moved)
+    }
+
+    /// Deletes every ready and delayed message of a queue (in-flight ones stay until settled);
+    /// returns how many.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownQueue`].
+    pub fn purge_queue(&self, queue: &str) -> Result<u64> {
+        let mut op = QueueOp::open(self, queue)?;
+        let id = op.id();
+        let mut seqs: Vec<u64> = op
+            .ready
+            .range((id, 0, 0)..=(id, u8::MAX, u64::MAX))?
+            .map(|e| e.map(|(k, _)| k.value().2))
+            .collect::<Result<_, _>>()?;
+        for entry in op.timers.range((id, 0, 0)..=(id, u64::MAX, u64::MAX))? {
+            seqs.push(entry?.0.value().2);
+        }
+        let mut purged = 0;
+        for seq in seqs {
+            let Some(entry) = op.get(seq)? else { continue };
+            if entry.state == EntryState::InFlight {
+                continue;
+            }
+            op.unlist(seq, &entry)?;
+            op.entries.remove((id, seq))?;
+            purged += 1;
+        }
+        op.store(self)?;
+        Ok(purged)
+    }
+}
+
+fn check_dead_letter_target(
+    queues: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+    config: &QueueConfig,
+) -> Result<()> {
+    match &config.dead_letter {
+        Some(dlq) if dlq != name && queues.get(dlq.as_str())?.is_none() => {
+            Err(Error::UnknownQueue { queue: dlq.clone() })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The earliest due timer of a queue, for a blocking receive to wait on.
+pub(crate) fn next_due_ms(
+    timers: &impl ReadableTable<(u64, u64, u64), ()>,
+    queue_id: u64,
+) -> Result<Option<u64>> {
+    Ok(
+        match timers
+            .range((queue_id, 0, 0)..=(queue_id, u64::MAX, u64::MAX))?
+            .next()
+        {
+            Some(entry) => Some(entry?.0.value().1),
+            None => None,
+        },
+    )
+}

@@ -1,0 +1,544 @@
+//! Topics (append-only logs with dense offsets), retention, and consumer groups.
+
+use std::ops::Range;
+
+use redb::{ReadableTable, Table};
+
+use crate::codec::{self, TopicRecord};
+use crate::error::{Error, Result};
+use crate::message::{Message, check_message};
+use crate::schema::{GROUPS, LOG, LOG_TIME, TOPICS};
+use crate::txn::WriteTransaction;
+use crate::{names, routing};
+
+/// How long a topic keeps its messages. Every bound that is set applies; the oldest messages go
+/// first. The default keeps everything.
+///
+/// Every bound is applied at each publish to the topic, in a bounded step (at most twice the
+/// messages published plus 64 removed), and by
+/// [`Database::enforce_retention`](crate::Database::enforce_retention), which also covers topics
+/// nobody publishes to (age) and backlogs left by a lowered bound. A topic with
+/// `max_messages: Some(0)` keeps no log at all: it only routes to its bound queues (a pure
+/// exchange).
+///
+/// # Examples
+///
+/// ```
+/// use mqlite::Retention;
+/// let week = Retention { max_age_ms: Some(7 * 24 * 3_600_000), ..Retention::default() };
+/// let exchange = Retention::none();
+/// assert_eq!(exchange.max_messages, Some(0));
+/// # let _ = week;
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Drop messages appended longer ago than this. `None`: no age bound.
+    pub max_age_ms: Option<u64>,
+    /// Keep at most this many messages. `Some(0)`: keep no log. `None`: no count bound.
+    pub max_messages: Option<u64>,
+    /// Keep at most this many stored bytes (encoded records). `None`: no size bound.
+    pub max_bytes: Option<u64>,
+    /// Drop messages once every consumer group of the topic has committed past them (interest
+    /// retention, as JetStream's). A topic with no group keeps its messages.
+    pub until_consumed: bool,
+}
+
+impl Retention {
+    /// Keep no log: the topic only routes to the queues bound to it.
+    pub fn none() -> Self {
+        Retention {
+            max_messages: Some(0),
+            ..Retention::default()
+        }
+    }
+
+    pub(crate) fn keeps_log(&self) -> bool {
+        self.max_messages != Some(0)
+    }
+}
+
+/// A topic's configuration.
+///
+/// # Examples
+///
+/// ```
+/// use mqlite::{Retention, TopicConfig};
+/// let config = TopicConfig::default().retention(Retention { max_messages: Some(1000), ..Default::default() });
+/// # let _ = config;
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TopicConfig {
+    /// Retention bounds; by default the topic keeps everything.
+    pub retention: Retention,
+}
+
+impl TopicConfig {
+    /// Sets the retention bounds.
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+}
+
+/// A topic's configuration and extent, as of one snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// The topic name.
+    pub name: String,
+    /// Its configuration.
+    pub config: TopicConfig,
+    /// The oldest offset still stored (equals `next_offset` when the log is empty).
+    pub first_offset: u64,
+    /// The offset the next published message will get.
+    pub next_offset: u64,
+    /// Bytes of encoded records stored.
+    pub stored_bytes: u64,
+}
+
+impl TopicInfo {
+    /// Messages stored.
+    pub fn len(&self) -> u64 {
+        self.next_offset - self.first_offset
+    }
+
+    /// Whether the log holds no message.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A message read from a topic, with its offset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The message's offset in the topic.
+    pub offset: u64,
+    /// The message.
+    pub message: Message,
+}
+
+/// Where a new consumer group starts reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartAt {
+    /// At the oldest message still stored.
+    Earliest,
+    /// After the newest message: only messages published from now on.
+    Latest,
+    /// At this offset (clamped to the stored range).
+    Offset(u64),
+    /// At the first message appended at or after this time (milliseconds since the epoch).
+    Timestamp(u64),
+}
+
+/// A consumer group's position on a topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// The group name.
+    pub group: String,
+    /// The committed offset: the next offset the group will read.
+    pub committed: u64,
+    /// Messages stored after the committed offset.
+    pub lag: u64,
+}
+
+/// The outcome of one [`Database::enforce_retention`](crate::Database::enforce_retention) call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Messages removed.
+    pub removed: u64,
+    /// Transactions used (each removes at most one bounded batch).
+    pub transactions: u64,
+}
+
+/// How many log records one retention step removes at most.
+pub(crate) const RETENTION_BATCH: u64 = 1024;
+
+pub(crate) fn load(
+    topics: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+) -> Result<TopicRecord> {
+    match topics.get(name)? {
+        Some(value) => codec::decode_topic(value.value()),
+        None => Err(Error::UnknownTopic {
+            topic: name.to_owned(),
+        }),
+    }
+}
+
+pub(crate) fn info(name: &str, t: &TopicRecord) -> TopicInfo {
+    TopicInfo {
+        name: name.to_owned(),
+        config: t.config,
+        first_offset: t.first_offset,
+        next_offset: t.next_offset,
+        stored_bytes: t.stored_bytes,
+    }
+}
+
+/// Reads up to `max` records from `from` (clamped to the first stored offset).
+pub(crate) fn read_records(
+    log: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    topic: &TopicRecord,
+    from: u64,
+    max: usize,
+) -> Result<Vec<Record>> {
+    let start = from.max(topic.first_offset);
+    let mut out = Vec::with_capacity(max.min(1024));
+    if max == 0 || start >= topic.next_offset {
+        return Ok(out);
+    }
+    for entry in log
+        .range((topic.id, start)..(topic.id, topic.next_offset))?
+        .take(max)
+    {
+        let (key, value) = entry?;
+        let offset = key.value().1;
+        let message = codec::decode_message(value.value(), "topic log")?;
+        out.push(Record { offset, message });
+    }
+    Ok(out)
+}
+
+/// The offset a new group starts at.
+pub(crate) fn resolve_start(
+    time: &impl ReadableTable<(u64, u64), u64>,
+    topic: &TopicRecord,
+    start: StartAt,
+) -> Result<u64> {
+    Ok(match start {
+        StartAt::Earliest => topic.first_offset,
+        StartAt::Latest => topic.next_offset,
+        StartAt::Offset(offset) => offset.clamp(topic.first_offset, topic.next_offset),
+        StartAt::Timestamp(ms) => match time.range((topic.id, ms)..=(topic.id, u64::MAX))?.next() {
+            Some(entry) => entry?.1.value().max(topic.first_offset),
+            None => topic.next_offset,
+        },
+    })
+}
+
+pub(crate) fn group_info(topic: &TopicRecord, group: &str, committed: u64) -> GroupInfo {
+    GroupInfo {
+        group: group.to_owned(),
+        committed,
+        lag: topic.next_offset - committed.clamp(topic.first_offset, topic.next_offset),
+    }
+}
+
+impl WriteTransaction<'_> {
+    /// Creates a topic.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`] for a bad name, [`Error::TopicExists`] when it exists.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let db = mqlite::Database::in_memory()?;
+    /// db.write(|txn| txn.create_topic("orders", mqlite::TopicConfig::default()))?;
+    /// # Ok::<(), mqlite::Error>(())
+    /// ```
+    pub fn create_topic(&self, name: &str, config: TopicConfig) -> Result<()> {
+        names::check("topic", name)?;
+        let mut topics = self.table(TOPICS)?;
+        if topics.get(name)?.is_some() {
+            return Err(Error::TopicExists {
+                topic: name.to_owned(),
+            });
+        }
+        let record = TopicRecord {
+            id: self.next_id()?,
+            config,
+            first_offset: 0,
+            next_offset: 0,
+            stored_bytes: 0,
+            last_append_ms: 0,
+        };
+        topics.insert(name, codec::encode_topic(&record).as_slice())?;
+        Ok(())
+    }
+
+    /// Creates a topic unless one of that name exists; returns whether it created one. An
+    /// existing topic keeps its configuration.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`] for a bad name.
+    pub fn ensure_topic(&self, name: &str, config: TopicConfig) -> Result<bool> {
+        match self.create_topic(name, config) {
+            Ok(()) => Ok(true),
+            Err(Error::TopicExists { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces a topic's configuration. Tightened retention applies from the next publish or
+    /// [`Database::enforce_retention`](crate::Database::enforce_retention).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownTopic`].
+    pub fn configure_topic(&self, name: &str, config: TopicConfig) -> Result<()> {
+        let mut topics = self.table(TOPICS)?;
+        let mut record = load(&topics, name)?;
+        record.config = config;
+        topics.insert(name, codec::encode_topic(&record).as_slice())?;
+        Ok(())
+    }
+
+    /// Deletes a topic with its log, its consumer groups and its bindings. The work is
+    /// proportional to the messages stored, all in this transaction.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownTopic`].
+    pub fn delete_topic(&self, name: &str) -> Result<()> {
+        let mut topics = self.table(TOPICS)?;
+        let record = load(&topics, name)?;
+        topics.remove(name)?;
+        let id = record.id;
+        self.table(LOG)?
+            .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        self.table(LOG_TIME)?
+            .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        self.table(GROUPS)?
+            .retain_in((id, "")..(id + 1, ""), |_, _| false)?;
+        routing::remove_topic_bindings(self, id)
+    }
+
+    /// Appends one message to a topic and routes it to the bound queues; returns its offset.
+    ///
+    /// A message with timestamp 0 gets the database clock's time.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownTopic`], [`Error::MessageTooLarge`], [`Error::LimitExceeded`] (headers),
+    /// [`Error::InvalidRoutingKey`], [`Error::QueueFull`] from a bound queue that rejects.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let db = mqlite::Database::in_memory()?;
+    /// # db.write(|txn| txn.create_topic("orders", Default::default()))?;
+    /// let offset = db.write(|txn| txn.publish("orders", &mqlite::Message::new("o-1")))?;
+    /// assert_eq!(offset, 0);
+    /// # Ok::<(), mqlite::Error>(())
+    /// ```
+    pub fn publish(&self, topic: &str, message: &Message) -> Result<u64> {
+        Ok(self
+            .publish_batch(topic, std::slice::from_ref(message))?
+            .start)
+    }
+
+    /// Appends messages to a topic in order, routing each; returns their offsets. All or none
+    /// are appended (with the rest of the transaction).
+    ///
+    /// # Errors
+    ///
+    /// As [`WriteTransaction::publish`], plus [`Error::LimitExceeded`] when the batch holds more
+    /// than [`Builder::max_batch`](crate::Builder::max_batch) messages.
+    pub fn publish_batch(&self, topic: &str, messages: &[Message]) -> Result<Range<u64>> {
+        let limits = &self.shared.limits;
+        if messages.len() > limits.max_batch {
+            return Err(Error::LimitExceeded {
+                limit: "batch size",
+                value: messages.len() as u64,
+                max: limits.max_batch as u64,
+            });
+        }
+        for message in messages {
+            check_message(message, limits)?;
+        }
+        let mut topics = self.table(TOPICS)?;
+        let mut record = load(&topics, topic)?;
+        let start = record.next_offset;
+        let now = self.now_ms();
+        // Append time never goes backwards, so the time index stays sorted by offset even when
+        // the clock steps back.
+        let append_ms = now.max(record.last_append_ms);
+        let router = routing::Router::load(self, record.id)?;
+        if record.config.retention.keeps_log() {
+            let mut log = self.table(LOG)?;
+            for (i, message) in messages.iter().enumerate() {
+                let bytes = encode_stamped(message, now);
+                record.stored_bytes += bytes.len() as u64;
+                log.insert((record.id, start + i as u64), bytes.as_slice())?;
+            }
+            let mut time = self.table(LOG_TIME)?;
+            if !messages.is_empty() && time.get((record.id, append_ms))?.is_none() {
+                time.insert((record.id, append_ms), start)?;
+            }
+        } else {
+            record.first_offset = start + messages.len() as u64;
+        }
+        record.next_offset = start + messages.len() as u64;
+        record.last_append_ms = append_ms;
+        if !router.is_empty() {
+            for message in messages {
+                router.route(self, &stamped(message, now))?;
+            }
+        }
+        let budget = 2 * messages.len() as u64 + 64;
+        trim(self, &mut record, budget, now)?;
+        topics.insert(topic, codec::encode_topic(&record).as_slice())?;
+        self.mark_published();
+        Ok(start..record.next_offset)
+    }
+
+    /// Commits a consumer group's offset: the next offset the group will read. Creates the
+    /// group when it has none. Moving an offset backwards is allowed (a replay).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownTopic`], [`Error::InvalidName`], [`Error::OffsetOutOfRange`] when
+    /// `offset` is past the topic's next offset.
+    pub fn commit_offset(&self, topic: &str, group: &str, offset: u64) -> Result<()> {
+        names::check("group", group)?;
+        let record = load(&self.table(TOPICS)?, topic)?;
+        if offset > record.next_offset {
+            return Err(Error::OffsetOutOfRange {
+                topic: topic.to_owned(),
+                offset,
+                end: record.next_offset,
+            });
+        }
+        self.table(GROUPS)?.insert((record.id, group), offset)?;
+        Ok(())
+    }
+
+    /// Creates a consumer group at `start` unless it exists; returns its committed offset.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownTopic`], [`Error::InvalidName`].
+    pub fn create_group(&self, topic: &str, group: &str, start: StartAt) -> Result<u64> {
+        names::check("group", group)?;
+        let record = load(&self.table(TOPICS)?, topic)?;
+        let mut groups = self.table(GROUPS)?;
+        if let Some(offset) = groups.get((record.id, group))? {
+            return Ok(offset.value());
+        }
+        let offset = resolve_start(&self.table(LOG_TIME)?, &record, start)?;
+        groups.insert((record.id, group), offset)?;
+        Ok(offset)
+    }
+
+    /// Deletes a consumer group; returns whether it existed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownTopic`].
+    pub fn delete_group(&self, topic: &str, group: &str) -> Result<bool> {
+        let record = load(&self.table(TOPICS)?, topic)?;
+        Ok(self.table(GROUPS)?.remove((record.id, group))?.is_some())
+    }
+}
+
+fn stamped(message: &Message, now_ms: u64) -> std::borrow::Cow<'_, Message> {
+    if message.timestamp_ms == 0 {
+        std::borrow::Cow::Owned(message.clone().with_timestamp_ms(now_ms))
+    } else {
+        std::borrow::Cow::Borrowed(message)
+    }
+}
+
+fn encode_stamped(message: &Message, now_ms: u64) -> Vec<u8> {
+    codec::encode_message(&stamped(message, now_ms))
+}
+
+/// Removes up to `budget` of the oldest records that retention no longer allows; returns how
+/// many it removed. The caller stores `record`.
+pub(crate) fn trim(
+    txn: &WriteTransaction<'_>,
+    record: &mut TopicRecord,
+    budget: u64,
+    now_ms: u64,
+) -> Result<u64> {
+    let retention = record.config.retention;
+    let mut keep_from = record.first_offset;
+    if let Some(max) = retention.max_messages {
+        keep_from = keep_from.max(record.next_offset.saturating_sub(max));
+    }
+    if retention.until_consumed {
+        let groups = txn.table(GROUPS)?;
+        let mut min: Option<u64> = None;
+        for entry in groups.range((record.id, "")..(record.id + 1, ""))? {
+            let (_, value) = entry?;
+            min = Some(min.map_or(value.value(), |m| m.min(value.value())));
+        }
+        if let Some(min) = min {
+            keep_from = keep_from.max(min.min(record.next_offset));
+        }
+    }
+    let mut time = txn.table(LOG_TIME)?;
+    if let Some(max_age) = retention.max_age_ms {
+        let cutoff = now_ms.saturating_sub(max_age);
+        // The first time-index entry at or after the cutoff starts what the age bound keeps.
+        let keep = match time
+            .range((record.id, cutoff)..=(record.id, u64::MAX))?
+            .next()
+        {
+            Some(entry) => entry?.1.value(),
+            None => record.next_offset,
+        };
+        keep_from = keep_from.max(keep);
+    }
+    let over_bytes = retention
+        .max_bytes
+        .is_some_and(|max| record.stored_bytes > max);
+    if keep_from <= record.first_offset && !over_bytes {
+        return Ok(0);
+    }
+    let mut log = txn.table(LOG)?;
+    let mut removed = 0;
+    while removed < budget && record.first_offset < record.next_offset {
+        let over_bytes = retention
+            .max_bytes
+            .is_some_and(|max| record.stored_bytes > max);
+        if record.first_offset >= keep_from && !over_bytes {
+            break;
+        }
+        if let Some(value) = log.remove((record.id, record.first_offset))? {
+            record.stored_bytes = record
+                .stored_bytes
+                .saturating_sub(value.value().len() as u64);
+        }
+        record.first_offset += 1;
+        removed += 1;
+    }
+    drop_time_entries_before(&mut time, record)?;
+    Ok(removed)
+}
+
+/// Removes time-index entries that only point below the first stored offset, keeping the last
+/// such entry when it still covers stored offsets.
+fn drop_time_entries_before(
+    time: &mut Table<'_, (u64, u64), u64>,
+    record: &TopicRecord,
+) -> Result<()> {
+    let mut stale = Vec::new();
+    let mut iter = time
+        .range((record.id, 0)..=(record.id, u64::MAX))?
+        .peekable();
+    while let Some(entry) = iter.next() {
+        let (key, _) = entry?;
+        let next_start = match iter.peek() {
+            Some(Ok((_, v))) => v.value(),
+            Some(Err(_)) => break,
+            None => record.next_offset,
+        };
+        // This entry covers offsets [its start, next_start); nothing stored is there any more.
+        if next_start <= record.first_offset {
+            stale.push(key.value().1);
+        } else {
+            break;
+        }
+        if stale.len() as u64 >= RETENTION_BATCH {
+            break;
+        }
+    }
+    drop(iter);
+    for ms in stale {
+        time.remove((record.id, ms))?;
+    }
+    Ok(())
+}
