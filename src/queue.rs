@@ -332,6 +332,8 @@ struct QueueOp<'t> {
     ready: redb::Table<'t, (u64, u8, u64), ()>,
     timers: redb::Table<'t, (u64, u64, u64), ()>,
     now_ms: u64,
+    /// Entries bound for another queue, inserted by `store` once these tables are closed.
+    dead_letters: Vec<(String, QueueEntry)>,
 }
 
 impl<'t> QueueOp<'t> {
@@ -344,14 +346,34 @@ impl<'t> QueueOp<'t> {
             ready: txn.table(QUEUE_READY)?,
             timers: txn.table(QUEUE_TIMERS)?,
             now_ms: txn.now_ms(),
+            dead_letters: Vec::new(),
         })
     }
 
+    /// Closes the tables, stores the queue record, then delivers the dead letters.
     fn store(self, txn: &WriteTransaction<'_>) -> Result<()> {
-        txn.table(QUEUES)?.insert(
-            self.name.as_str(),
-            codec::encode_queue(&self.record).as_slice(),
-        )?;
+        let QueueOp {
+            name,
+            record,
+            dead_letters,
+            entries,
+            ready,
+            timers,
+            now_ms: _,
+        } = self;
+        // Another queue's operation opens the same tables: close them first.
+        drop((entries, ready, timers));
+        txn.table(QUEUES)?
+            .insert(name.as_str(), codec::encode_queue(&record).as_slice())?;
+        for (dlq, entry) in dead_letters {
+            insert_entry(
+                txn,
+                &dlq,
+                entry.message,
+                EnqueueOptions::default(),
+                entry.deaths,
+            )?;
+        }
         Ok(())
     }
 
@@ -416,7 +438,7 @@ impl<'t> QueueOp<'t> {
     }
 
     /// Moves due timers back to ready: delays that ran out and leases that expired.
-    fn promote_due(&mut self, txn: &WriteTransaction<'_>) -> Result<()> {
+    fn promote_due(&mut self) -> Result<()> {
         let id = self.id();
         let due: Vec<(u64, u64)> = self
             .timers
@@ -431,7 +453,7 @@ impl<'t> QueueOp<'t> {
             self.unlist(seq, &entry)?;
             entry.state = EntryState::Ready;
             if entry.delivery_count >= self.record.config.max_deliveries {
-                self.dead_letter(txn, seq, entry, DeathReason::DeliveryLimit)?;
+                self.dead_letter(seq, entry, DeathReason::DeliveryLimit)?;
             } else {
                 self.list(seq, &entry)?;
             }
@@ -440,13 +462,7 @@ impl<'t> QueueOp<'t> {
     }
 
     /// Removes an (already unlisted) entry and sends it to the dead-letter queue, if any.
-    fn dead_letter(
-        &mut self,
-        txn: &WriteTransaction<'_>,
-        seq: u64,
-        mut entry: QueueEntry,
-        reason: DeathReason,
-    ) -> Result<()> {
+    fn dead_letter(&mut self, seq: u64, mut entry: QueueEntry, reason: DeathReason) -> Result<()> {
         let id = self.id();
         self.entries.remove((id, seq))?;
         self.record.dead_lettered += 1;
@@ -478,17 +494,12 @@ impl<'t> QueueOp<'t> {
             let fresh = fresh_entry(entry.message, 0, entry.deaths, now, &self.record.config);
             return self.list(seq, &fresh);
         }
-        insert_entry(
-            txn,
-            &dlq,
-            entry.message,
-            EnqueueOptions::default(),
-            entry.deaths,
-        )
+        self.dead_letters.push((dlq, entry));
+        Ok(())
     }
 
     /// Makes room under `max_length`; returns false when the new message must be refused.
-    fn make_room(&mut self, txn: &WriteTransaction<'_>) -> Result<bool> {
+    fn make_room(&mut self) -> Result<bool> {
         let Some(max) = self.record.config.max_length else {
             return Ok(true);
         };
@@ -509,7 +520,7 @@ impl<'t> QueueOp<'t> {
                 return Err(Error::corrupted("queue ready index points at no entry"));
             };
             self.unlist(head, &entry)?;
-            self.dead_letter(txn, head, entry, DeathReason::MaxLength)?;
+            self.dead_letter(head, entry, DeathReason::MaxLength)?;
         }
         Ok(true)
     }
@@ -563,7 +574,7 @@ fn insert_entry(
     deaths: Vec<Death>,
 ) -> Result<()> {
     let mut op = QueueOp::open(txn, queue)?;
-    if !op.make_room(txn)? {
+    if !op.make_room()? {
         return Err(Error::QueueFull {
             queue: queue.to_owned(),
             max_length: op.record.config.max_length.unwrap_or(0),
@@ -755,7 +766,7 @@ impl WriteTransaction<'_> {
             });
         }
         let mut op = QueueOp::open(self, queue)?;
-        op.promote_due(self)?;
+        op.promote_due()?;
         let id = op.id();
         let mut out = Vec::new();
         while out.len() < max {
@@ -768,11 +779,11 @@ impl WriteTransaction<'_> {
             };
             op.unlist(head, &entry)?;
             if entry.expires_ms.is_some_and(|at| at <= op.now_ms) {
-                op.dead_letter(self, head, entry, DeathReason::Expired)?;
+                op.dead_letter(head, entry, DeathReason::Expired)?;
                 continue;
             }
             if entry.delivery_count >= op.record.config.max_deliveries {
-                op.dead_letter(self, head, entry, DeathReason::DeliveryLimit)?;
+                op.dead_letter(head, entry, DeathReason::DeliveryLimit)?;
                 continue;
             }
             entry.delivery_count += 1;
@@ -827,10 +838,10 @@ impl WriteTransaction<'_> {
         let exhausted = entry.delivery_count >= op.record.config.max_deliveries;
         match action {
             Nack::DeadLetter => {
-                op.dead_letter(self, lease.sequence, entry, DeathReason::Rejected)?;
+                op.dead_letter(lease.sequence, entry, DeathReason::Rejected)?;
             }
             _ if exhausted => {
-                op.dead_letter(self, lease.sequence, entry, DeathReason::DeliveryLimit)?;
+                op.dead_letter(lease.sequence, entry, DeathReason::DeliveryLimit)?;
             }
             Nack::Requeue => {
                 entry.state = EntryState::Ready;

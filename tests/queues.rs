@@ -1,0 +1,718 @@
+//! Guards the work-queue half through the public API: leases, ack / nack / extend, stale
+//! leases, delivery limits and dead-lettering with death history, TTL, max length, delays and
+//! priorities, routing from topics by every binding rule, blocking receive woken by commits, by
+//! delays coming due and by leases expiring, many workers, and a model-based test with reopens.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Rng;
+use mqlite::{
+    Binding, Database, DeathReason, EnqueueOptions, Error, HeaderMatch, ManualClock, Message, Nack,
+    Overflow, QueueConfig, Retention, TopicConfig,
+};
+
+fn db_with_clock() -> (Database, ManualClock) {
+    let clock = ManualClock::new(1_000_000);
+    let db = Database::builder()
+        .clock(clock.clone())
+        .open_in_memory()
+        .unwrap();
+    (db, clock)
+}
+
+fn queue(db: &Database, name: &str, config: QueueConfig) {
+    db.write(|txn| txn.create_queue(name, config.clone()))
+        .unwrap();
+}
+
+fn enqueue(db: &Database, q: &str, payload: &str) {
+    db.write(|txn| txn.enqueue(q, &Message::new(payload)))
+        .unwrap();
+}
+
+fn payloads(d: &[mqlite::Delivery]) -> Vec<String> {
+    d.iter()
+        .map(|d| String::from_utf8(d.message.payload.clone()).unwrap())
+        .collect()
+}
+
+#[test]
+fn ack_deletes_and_a_message_is_held_by_one_consumer_at_a_time() {
+    let (db, _) = db_with_clock();
+    queue(&db, "q", QueueConfig::default());
+    enqueue(&db, "q", "a");
+    enqueue(&db, "q", "b");
+    let first = db.write(|txn| txn.receive("q", 1)).unwrap();
+    let second = db.write(|txn| txn.receive("q", 10)).unwrap();
+    assert_eq!(payloads(&first), ["a"]);
+    assert_eq!(payloads(&second), ["b"], "a is leased: nobody else gets it");
+    assert!(db.write(|txn| txn.receive("q", 10)).unwrap().is_empty());
+    let info = db.read(|r| r.queue_info("q")).unwrap();
+    assert_eq!((info.ready, info.in_flight), (0, 2));
+    db.write(|txn| txn.ack(&first[0].lease)).unwrap();
+    let again = db.write(|txn| txn.ack(&first[0].lease)).unwrap_err();
+    assert!(matches!(again, Error::StaleLease { .. }), "{again}");
+    assert_eq!(db.read(|r| r.queue_info("q")).unwrap().depth(), 1);
+}
+
+#[test]
+fn an_expired_lease_redelivers_and_the_old_lease_goes_stale() {
+    let (db, clock) = db_with_clock();
+    queue(&db, "q", QueueConfig::default().lease_ms(1_000));
+    enqueue(&db, "q", "job");
+    let first = db.write(|txn| txn.receive("q", 1)).unwrap().remove(0);
+    assert!(!first.redelivered);
+    clock.advance_ms(999);
+    assert!(db.write(|txn| txn.receive("q", 1)).unwrap().is_empty());
+    let until = db.write(|txn| txn.extend(&first.lease, 1_000)).unwrap();
+    assert_eq!(until, 1_000_999 + 1_000);
+    clock.advance_ms(1_000);
+    let second = db.write(|txn| txn.receive("q", 1)).unwrap().remove(0);
+    assert_eq!((second.delivery_count, second.redelivered), (2, true));
+    for stale in [
+        db.write(|txn| txn.ack(&first.lease)).unwrap_err(),
+        db.write(|txn| txn.nack(&first.lease, Nack::Requeue))
+            .unwrap_err(),
+        db.write(|txn| txn.extend(&first.lease, 10)).unwrap_err(),
+    ] {
+        assert!(matches!(stale, Error::StaleLease { .. }), "{stale}");
+    }
+    db.write(|txn| txn.ack(&second.lease)).unwrap();
+    assert_eq!(db.read(|r| r.queue_info("q")).unwrap().depth(), 0);
+}
+
+#[test]
+fn a_poison_message_is_dead_lettered_after_exactly_max_deliveries_and_the_rest_flow() {
+    let (db, clock) = db_with_clock();
+    queue(&db, "dlq", QueueConfig::default());
+    queue(
+        &db,
+        "q",
+        QueueConfig::default()
+            .max_deliveries(3)
+            .lease_ms(100)
+            .dead_letter("dlq"),
+    );
+    enqueue(&db, "q", "poison");
+    for i in 0..5 {
+        enqueue(&db, "q", &format!("ok{i}"));
+    }
+    let mut poison_deliveries = 0;
+    let mut done = Vec::new();
+    for _ in 0..10 {
+        for d in db.write(|txn| txn.receive("q", 10)).unwrap() {
+            if d.message.payload == b"poison" {
+                poison_deliveries += 1; // the worker "crashes": no ack, the lease runs out
+            } else {
+                db.write(|txn| txn.ack(&d.lease)).unwrap();
+                done.push(d.message.payload);
+            }
+        }
+        clock.advance_ms(100);
+    }
+    assert_eq!(poison_deliveries, 3);
+    assert_eq!(done.len(), 5);
+    let dead = db.write(|txn| txn.receive("dlq", 10)).unwrap();
+    assert_eq!(payloads(&dead), ["poison"]);
+    let death = &dead[0].deaths[0];
+    assert_eq!(
+        (death.queue.as_str(), death.reason, death.count),
+        ("q", DeathReason::DeliveryLimit, 1)
+    );
+    assert_eq!(death.reason.as_str(), "delivery_limit");
+    assert_eq!(db.read(|r| r.queue_info("q")).unwrap().dead_lettered, 1);
+    // Re-drive: back to its source with a fresh delivery count and its history kept.
+    db.write(|txn| txn.nack(&dead[0].lease, Nack::Requeue))
+        .unwrap();
+    assert_eq!(db.write(|txn| txn.redrive("dlq", 10)).unwrap(), 1);
+    let back = db.write(|txn| txn.receive("q", 10)).unwrap();
+    assert_eq!(
+        (payloads(&back), back[0].delivery_count),
+        (vec!["poison".to_owned()], 1)
+    );
+    assert_eq!(back[0].deaths.len(), 1);
+}
+
+#[test]
+fn nack_requeues_now_later_or_dead_letters_with_reason_rejected() {
+    let (db, clock) = db_with_clock();
+    queue(&db, "dlq", QueueConfig::default());
+    queue(&db, "q", QueueConfig::default().dead_letter("dlq"));
+    for p in ["a", "b", "c"] {
+        enqueue(&db, "q", p);
+    }
+    let d = db.write(|txn| txn.receive("q", 3)).unwrap();
+    db.write(|txn| {
+        txn.nack(&d[0].lease, Nack::Requeue)?;
+        txn.nack(&d[1].lease, Nack::RequeueAfter(5_000))?;
+        txn.nack(&d[2].lease, Nack::DeadLetter)
+    })
+    .unwrap();
+    let info = db.read(|r| r.queue_info("q")).unwrap();
+    assert_eq!(
+        (info.ready, info.delayed, info.in_flight, info.dead_lettered),
+        (1, 1, 0, 1)
+    );
+    assert_eq!(
+        payloads(&db.write(|txn| txn.receive("q", 10)).unwrap()),
+        ["a"]
+    );
+    clock.advance_ms(5_000);
+    assert_eq!(
+        payloads(&db.write(|txn| txn.receive("q", 10)).unwrap()),
+        ["b"]
+    );
+    let dead = db.write(|txn| txn.receive("dlq", 10)).unwrap();
+    assert_eq!(dead[0].deaths[0].reason, DeathReason::Rejected);
+}
+
+#[test]
+fn priorities_go_first_fifo_within_one_and_delays_wait() {
+    let (db, clock) = db_with_clock();
+    queue(&db, "q", QueueConfig::default());
+    db.write(|txn| {
+        let with = |p: u8, d: u64| EnqueueOptions {
+            priority: p,
+            delay_ms: d,
+        };
+        txn.enqueue_with("q", &Message::new("low1"), with(0, 0))?;
+        txn.enqueue_with("q", &Message::new("high1"), with(9, 0))?;
+        txn.enqueue_with("q", &Message::new("later"), with(9, 1_000))?;
+        txn.enqueue_with("q", &Message::new("low2"), with(0, 0))?;
+        txn.enqueue_with("q", &Message::new("high2"), with(9, 0))?;
+        txn.enqueue_with("q", &Message::new("mid"), with(5, 0))
+    })
+    .unwrap();
+    assert_eq!(db.read(|r| r.queue_info("q")).unwrap().delayed, 1);
+    let got = db.write(|txn| txn.receive("q", 10)).unwrap();
+    assert_eq!(payloads(&got), ["high1", "high2", "mid", "low1", "low2"]);
+    clock.advance_ms(1_000);
+    assert_eq!(
+        payloads(&db.write(|txn| txn.receive("q", 10)).unwrap()),
+        ["later"]
+    );
+    let err = db
+        .write(|txn| {
+            txn.enqueue_with(
+                "q",
+                &Message::new("x"),
+                EnqueueOptions {
+                    priority: 10,
+                    delay_ms: 0,
+                },
+            )
+        })
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LimitExceeded {
+                limit: "priority",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn max_length_policies() {
+    let (db, _) = db_with_clock();
+    queue(&db, "dlq", QueueConfig::default());
+    queue(
+        &db,
+        "drop",
+        QueueConfig::default()
+            .max_length(2, Overflow::DropOldest)
+            .dead_letter("dlq"),
+    );
+    queue(
+        &db,
+        "reject",
+        QueueConfig::default().max_length(2, Overflow::RejectPublish),
+    );
+    for p in ["1", "2", "3"] {
+        enqueue(&db, "drop", p);
+    }
+    enqueue(&db, "reject", "1");
+    enqueue(&db, "reject", "2");
+    let err = db
+        .write(|txn| txn.enqueue("reject", &Message::new("3")))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::QueueFull { max_length: 2, .. }),
+        "{err}"
+    );
+    assert_eq!(
+        payloads(&db.write(|txn| txn.receive("drop", 10)).unwrap()),
+        ["2", "3"]
+    );
+    let dead = db.write(|txn| txn.receive("dlq", 10)).unwrap();
+    assert_eq!(payloads(&dead), ["1"]);
+    assert_eq!(dead[0].deaths[0].reason, DeathReason::MaxLength);
+    assert_eq!(db.read(|r| r.queue_info("reject")).unwrap().ready, 2);
+}
+
+#[test]
+fn expired_messages_are_dead_lettered_with_reason_expired() {
+    let (db, clock) = db_with_clock();
+    queue(&db, "dlq", QueueConfig::default());
+    queue(
+        &db,
+        "q",
+        QueueConfig::default()
+            .message_ttl_ms(500)
+            .dead_letter("dlq"),
+    );
+    enqueue(&db, "q", "old");
+    clock.advance_ms(500);
+    assert!(db.write(|txn| txn.receive("q", 10)).unwrap().is_empty());
+    let dead = db.write(|txn| txn.receive("dlq", 10)).unwrap();
+    assert_eq!(
+        (payloads(&dead), dead[0].deaths[0].reason),
+        (vec!["old".to_owned()], DeathReason::Expired)
+    );
+}
+
+/// Publishes one message per routing key and returns what each queue received.
+fn route(bindings: &[(&str, Binding)], messages: Vec<Message>) -> BTreeMap<String, Vec<String>> {
+    let db = Database::in_memory().unwrap();
+    db.write(|txn| {
+        txn.create_topic("x", TopicConfig::default().retention(Retention::none()))?;
+        for (q, rule) in bindings {
+            txn.ensure_queue(q, QueueConfig::default())?;
+            txn.bind("x", q, rule.clone())?;
+        }
+        for m in &messages {
+            txn.publish("x", m)?;
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let mut out = BTreeMap::new();
+    for (q, _) in bindings {
+        let got = db.write(|txn| txn.receive(q, 100)).unwrap();
+        out.insert((*q).to_owned(), payloads(&got));
+    }
+    out
+}
+
+fn keyed(keys: &[&str]) -> Vec<Message> {
+    keys.iter()
+        .map(|k| Message::new(*k).with_routing_key(*k))
+        .collect()
+}
+
+#[test]
+fn routing_by_exact_key_fanout_and_wildcards() {
+    let got = route(
+        &[
+            ("direct", Binding::key("a.b")),
+            ("fan", Binding::Fanout),
+            ("hash", Binding::pattern("a.#")),
+            ("star", Binding::pattern("a.*")),
+            ("mid", Binding::pattern("a.*.c")),
+            ("empty", Binding::pattern("a..b")),
+        ],
+        keyed(&["a", "a.b", "a.b.c", "a..b", "a.x.y.c", "b"]),
+    );
+    assert_eq!(got["direct"], ["a.b"]);
+    assert_eq!(got["fan"], ["a", "a.b", "a.b.c", "a..b", "a.x.y.c", "b"]);
+    assert_eq!(
+        got["hash"],
+        ["a", "a.b", "a.b.c", "a..b", "a.x.y.c"],
+        "a.# matches a"
+    );
+    assert_eq!(got["star"], ["a.b"], "* never matches zero words");
+    assert_eq!(got["mid"], ["a.b.c"], "wrong word count matches nothing");
+    assert_eq!(got["empty"], ["a..b"], "empty words are words");
+}
+
+#[test]
+fn a_queue_matched_by_several_bindings_gets_the_message_once() {
+    let db = Database::in_memory().unwrap();
+    db.write(|txn| {
+        txn.create_topic("x", TopicConfig::default())?;
+        txn.create_queue("q", QueueConfig::default())?;
+        txn.bind("x", "q", Binding::pattern("a.*"))?;
+        txn.bind("x", "q", Binding::pattern("#"))?;
+        txn.bind("x", "q", Binding::key("a.b"))?;
+        txn.bind("x", "q", Binding::key("a.b"))?; // the same rule twice is one binding
+        txn.publish("x", &Message::new("m").with_routing_key("a.b"))
+    })
+    .unwrap();
+    assert_eq!(db.read(|r| r.bindings("x")).unwrap().len(), 3);
+    assert_eq!(db.read(|r| r.queue_info("q")).unwrap().ready, 1);
+    assert!(
+        db.write(|txn| txn.unbind("x", "q", &Binding::Fanout))
+            .map(|b| !b)
+            .unwrap()
+    );
+}
+
+#[test]
+fn routing_by_headers_all_and_any() {
+    let want = |mode| Binding::Headers {
+        mode,
+        headers: vec![
+            ("region".into(), Some(b"eu".to_vec())),
+            ("vip".into(), None),
+        ],
+    };
+    let msgs = vec![
+        Message::new("both")
+            .with_header("region", "eu")
+            .with_header("vip", ""),
+        Message::new("region").with_header("region", "eu"),
+        Message::new("vip").with_header("vip", "yes"),
+        Message::new("wrong").with_header("region", "us"),
+    ];
+    let got = route(
+        &[
+            ("all", want(HeaderMatch::All)),
+            ("any", want(HeaderMatch::Any)),
+        ],
+        msgs,
+    );
+    assert_eq!(got["all"], ["both"]);
+    assert_eq!(got["any"], ["both", "region", "vip"]);
+}
+
+#[test]
+fn routed_messages_take_priority_and_delay_from_headers_and_the_topic_keeps_its_log() {
+    let (db, clock) = db_with_clock();
+    db.write(|txn| {
+        txn.create_topic("x", TopicConfig::default())?;
+        txn.create_queue("q", QueueConfig::default())?;
+        txn.bind("x", "q", Binding::Fanout)?;
+        txn.publish("x", &Message::new("plain"))?;
+        txn.publish("x", &Message::new("urgent").with_header("x-priority", "7"))?;
+        txn.publish("x", &Message::new("delayed").with_header("x-delay", "250"))
+    })
+    .unwrap();
+    assert_eq!(db.read(|r| r.topic_info("x")).unwrap().len(), 3);
+    assert_eq!(
+        payloads(&db.write(|txn| txn.receive("q", 10)).unwrap()),
+        ["urgent", "plain"]
+    );
+    clock.advance_ms(250);
+    assert_eq!(
+        payloads(&db.write(|txn| txn.receive("q", 10)).unwrap()),
+        ["delayed"]
+    );
+}
+
+#[test]
+fn consume_from_a_topic_and_enqueue_and_ack_with_a_domain_write_in_one_commit() {
+    use mqlite::redb::{ReadableTable, TableDefinition};
+    const DONE: TableDefinition<&str, u64> = TableDefinition::new("done");
+    let db = Database::in_memory().unwrap();
+    db.write(|txn| {
+        txn.create_topic("in", TopicConfig::default())?;
+        txn.create_queue("work", QueueConfig::default())?;
+        txn.publish("in", &Message::new("e1"))
+    })
+    .unwrap();
+    // Consume from the topic and enqueue, one commit.
+    db.write(|txn| {
+        for rec in txn.read_topic("in", 0, 10)? {
+            txn.enqueue("work", &rec.message)?;
+            txn.commit_offset("in", "mover", rec.offset + 1)?;
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    // Receive, then (domain write + ack) in one commit; a failure rolls both back.
+    let d = db.write(|txn| txn.receive("work", 1)).unwrap().remove(0);
+    let failed: Result<(), Error> = db.write(|txn| {
+        txn.open_table(DONE)?.insert("e1", 1)?;
+        txn.ack(&d.lease)?;
+        Err(Error::InvalidConfig("boom".into()))
+    });
+    assert!(failed.is_err());
+    assert_eq!(db.read(|r| r.queue_info("work")).unwrap().in_flight, 1);
+    db.write(|txn| {
+        txn.open_table(DONE)?.insert("e1", 1)?;
+        txn.ack(&d.lease)
+    })
+    .unwrap();
+    db.read(|r| {
+        assert_eq!(r.open_table(DONE)?.get("e1")?.unwrap().value(), 1);
+        assert_eq!(r.queue_info("work")?.depth(), 0);
+        assert_eq!(r.group_info("in", "mover")?.committed, 1);
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn blocking_receive_wakes_on_commit_on_a_delay_coming_due_and_on_lease_expiry() {
+    let (db, clock) = db_with_clock();
+    queue(&db, "q", QueueConfig::default().lease_ms(5_000));
+    let wait = |db: &Database| {
+        let db = db.clone();
+        std::thread::spawn(move || db.receive("q", 1, Duration::from_secs(60)).unwrap())
+    };
+    // Woken by a commit.
+    let w = wait(&db);
+    enqueue(&db, "q", "now");
+    let got = w.join().unwrap();
+    assert_eq!(payloads(&got), ["now"]);
+    // Woken by the lease of "now" expiring (the clock moves; nothing is committed).
+    let w = wait(&db);
+    clock.advance_ms(5_000);
+    let again = w.join().unwrap();
+    assert_eq!(
+        (payloads(&again), again[0].redelivered),
+        (vec!["now".to_owned()], true)
+    );
+    db.write(|txn| txn.ack(&again[0].lease)).unwrap();
+    // Woken by a delayed message coming due.
+    db.write(|txn| {
+        txn.enqueue_with(
+            "q",
+            &Message::new("later"),
+            EnqueueOptions {
+                delay_ms: 1_000,
+                priority: 0,
+            },
+        )
+    })
+    .unwrap();
+    let w = wait(&db);
+    clock.advance_ms(1_000);
+    assert_eq!(payloads(&w.join().unwrap()), ["later"]);
+    // A timeout returns empty.
+    assert!(
+        db.receive("q", 1, Duration::from_millis(10))
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn eight_workers_drain_100_000_messages_each_processed_once() {
+    const N: u32 = 100_000;
+    let db = Database::in_memory().unwrap();
+    queue(&db, "jobs", QueueConfig::default().lease_ms(600_000));
+    for chunk in (0..N).collect::<Vec<_>>().chunks(5_000) {
+        db.write(|txn| {
+            for i in chunk {
+                txn.enqueue("jobs", &Message::new(i.to_le_bytes().to_vec()))?;
+            }
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+    }
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::with_capacity(N as usize)));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let (db, seen) = (db.clone(), seen.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let batch = db.receive("jobs", 200, Duration::from_millis(50)).unwrap();
+                    if batch.is_empty() {
+                        break;
+                    }
+                    db.write(|txn| {
+                        for d in &batch {
+                            txn.ack(&d.lease)?;
+                        }
+                        Ok::<_, Error>(())
+                    })
+                    .unwrap();
+                    let mut seen = seen.lock();
+                    for d in batch {
+                        assert_eq!(d.delivery_count, 1, "no lease expired, so no redelivery");
+                        seen.push(u32::from_le_bytes(d.message.payload.try_into().unwrap()));
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let mut seen = seen.lock().clone();
+    seen.sort_unstable();
+    assert_eq!(
+        seen.len(),
+        N as usize,
+        "every message processed exactly once"
+    );
+    assert!(seen.iter().enumerate().all(|(i, v)| i as u32 == *v));
+    assert_eq!(db.read(|r| r.queue_info("jobs")).unwrap().depth(), 0);
+}
+
+#[test]
+fn random_operations_never_lose_a_message_nor_lease_it_twice() {
+    for seed in 0..30u64 {
+        let mut rng = Rng::new(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.mqlite");
+        let clock = ManualClock::new(1_000_000);
+        let open = || {
+            Database::builder()
+                .clock(clock.clone())
+                .open(&path)
+                .unwrap()
+        };
+        let mut db = open();
+        db.write(|txn| {
+            txn.create_queue("dlq", QueueConfig::default())?;
+            txn.create_queue(
+                "q",
+                QueueConfig::default()
+                    .lease_ms(1_000)
+                    .max_deliveries(4)
+                    .dead_letter("dlq"),
+            )
+        })
+        .unwrap();
+        let mut next = 0u32;
+        let mut pending: BTreeSet<u32> = BTreeSet::new(); // enqueued, neither acked nor dead
+        let mut acked: HashSet<u32> = HashSet::new();
+        let mut leases: BTreeMap<u32, mqlite::Lease> = BTreeMap::new(); // what we believe we hold
+        for step in 0..300 {
+            let ctx = format!("seed {seed} step {step}");
+            match rng.below(12) {
+                0..=2 => {
+                    db.write(|txn| txn.enqueue("q", &Message::new(next.to_le_bytes().to_vec())))
+                        .unwrap();
+                    pending.insert(next);
+                    next += 1;
+                }
+                3..=4 => {
+                    let got = db
+                        .write(|txn| txn.receive("q", 1 + rng.below(3) as usize))
+                        .unwrap();
+                    for d in got {
+                        let id = u32::from_le_bytes(d.message.payload.clone().try_into().unwrap());
+                        assert!(
+                            pending.contains(&id),
+                            "{ctx}: delivered {id} which is settled"
+                        );
+                        // A new lease on a message replaces ours only if ours had expired.
+                        leases.insert(id, d.lease);
+                    }
+                }
+                5..=6 => {
+                    if let Some((&id, lease)) = leases
+                        .iter()
+                        .nth(rng.below(leases.len() as u64 + 1) as usize)
+                    {
+                        match db.write(|txn| txn.ack(lease)) {
+                            Ok(()) => {
+                                assert!(pending.remove(&id), "{ctx}: acked {id} twice");
+                                assert!(acked.insert(id));
+                            }
+                            Err(Error::StaleLease { .. }) => {}
+                            Err(e) => panic!("{ctx}: {e}"),
+                        }
+                        leases.remove(&id);
+                    }
+                }
+                7 => {
+                    if let Some((&id, lease)) = leases.iter().next() {
+                        let action = [Nack::Requeue, Nack::RequeueAfter(500), Nack::DeadLetter]
+                            [rng.below(3) as usize];
+                        match db.write(|txn| txn.nack(lease, action)) {
+                            Ok(()) | Err(Error::StaleLease { .. }) => {}
+                            Err(e) => panic!("{ctx}: {e}"),
+                        }
+                        leases.remove(&id);
+                    }
+                }
+                8 => {
+                    if let Some((_, lease)) = leases.iter().next() {
+                        match db.write(|txn| txn.extend(lease, 1_000)) {
+                            Ok(_) | Err(Error::StaleLease { .. }) => {}
+                            Err(e) => panic!("{ctx}: {e}"),
+                        }
+                    }
+                }
+                9..=10 => clock.advance_ms(rng.below(1_500)),
+                _ => {
+                    drop(db);
+                    db = open();
+                }
+            }
+            // Drain the dead-letter queue into the model: dead messages leave `pending`.
+            for d in db.write(|txn| txn.receive("dlq", 100)).unwrap() {
+                let id = u32::from_le_bytes(d.message.payload.clone().try_into().unwrap());
+                assert!(
+                    pending.remove(&id),
+                    "{ctx}: dead-lettered {id} which was settled"
+                );
+                db.write(|txn| txn.ack(&d.lease)).unwrap();
+                leases.remove(&id);
+            }
+            let info = db.read(|r| r.queue_info("q")).unwrap();
+            assert_eq!(info.depth(), pending.len() as u64, "{ctx}: depth");
+        }
+        // Drain: with time moving, everything is eventually acked or dead.
+        for _ in 0..50 {
+            clock.advance_ms(2_000);
+            for d in db.write(|txn| txn.receive("q", 100)).unwrap() {
+                let id = u32::from_le_bytes(d.message.payload.clone().try_into().unwrap());
+                db.write(|txn| txn.ack(&d.lease)).unwrap();
+                assert!(pending.remove(&id));
+                acked.insert(id);
+            }
+            for d in db.write(|txn| txn.receive("dlq", 100)).unwrap() {
+                let id = u32::from_le_bytes(d.message.payload.clone().try_into().unwrap());
+                db.write(|txn| txn.ack(&d.lease)).unwrap();
+                assert!(pending.remove(&id));
+            }
+        }
+        assert!(pending.is_empty(), "seed {seed}: lost {pending:?}");
+    }
+}
+
+#[test]
+fn bad_queue_input_is_refused() {
+    let db = Database::in_memory().unwrap();
+    let errs = [
+        db.write(|txn| txn.create_queue("bad name", QueueConfig::default()))
+            .unwrap_err(),
+        db.write(|txn| txn.create_queue("q", QueueConfig::default().lease_ms(0)))
+            .unwrap_err(),
+        db.write(|txn| txn.create_queue("q", QueueConfig::default().max_deliveries(0)))
+            .unwrap_err(),
+        db.write(|txn| txn.create_queue("q", QueueConfig::default().dead_letter("missing")))
+            .unwrap_err(),
+        db.write(|txn| txn.enqueue("missing", &Message::new("x")))
+            .unwrap_err(),
+    ];
+    assert!(matches!(errs[0], Error::InvalidName { kind: "queue", .. }));
+    assert!(matches!(
+        errs[1],
+        Error::LimitExceeded {
+            limit: "lease length ms",
+            ..
+        }
+    ));
+    assert!(matches!(
+        errs[2],
+        Error::LimitExceeded {
+            limit: "max deliveries",
+            ..
+        }
+    ));
+    assert!(matches!(errs[3], Error::UnknownQueue { .. }));
+    assert!(matches!(errs[4], Error::UnknownQueue { .. }));
+    assert!(db.read(|r| r.queues()).unwrap().is_empty());
+    db.write(|txn| {
+        txn.create_queue("dlq", QueueConfig::default())?;
+        txn.create_queue("q", QueueConfig::default().dead_letter("dlq"))
+    })
+    .unwrap();
+    let in_use = db.write(|txn| txn.delete_queue("dlq")).unwrap_err();
+    assert!(matches!(in_use, Error::QueueInUse { .. }), "{in_use}");
+    db.write(|txn| txn.delete_queue("q")).unwrap();
+    db.write(|txn| txn.delete_queue("dlq")).unwrap();
+}
