@@ -1,1 +1,458 @@
-fn main() {}
+//! mqlite against its peers, in one run, on one disk, with 100-byte payloads: an fsync probe
+//! (append + fdatasync), raw redb, SQLite (WAL, synchronous=FULL, through rusqlite `bundled`)
+//! and mqlite. Prints a table and writes `target/bench/results.json`.
+//!
+//! `cargo bench --bench peers` (about 2 minutes) or `cargo bench --bench peers -- --quick`.
+//!
+//! Workloads measured here: W1 (one durable publish per commit, one thread), W2 (the same from
+//! 64 threads), W3 (1000 per commit), W4 (topic read by a group; SQLite full scan), W5 (queue
+//! receive + ack, 1000 per commit; SQLite select + delete). The machines are shared and
+//! noisy: compare rows of the same run, never absolute numbers across runs.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use mqlite::redb::TableDefinition;
+use mqlite::{Database, Message, QueueConfig, TopicConfig};
+
+const PAYLOAD: [u8; 100] = [7; 100];
+const RAW: TableDefinition<u64, &[u8]> = TableDefinition::new("raw");
+
+struct Row {
+    workload: &'static str,
+    system: &'static str,
+    value: f64,
+    unit: &'static str,
+    note: String,
+}
+
+struct Bench {
+    dir: PathBuf,
+    secs: f64,
+    rows: Vec<Row>,
+}
+
+impl Bench {
+    fn path(&self, name: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        let _ = std::fs::remove_file(&p);
+        for ext in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{ext}", p.display()));
+        }
+        p
+    }
+
+    fn push(
+        &mut self,
+        workload: &'static str,
+        system: &'static str,
+        value: f64,
+        unit: &'static str,
+        note: &str,
+    ) {
+        println!("{workload:<4} {system:<7} {value:>14.1} {unit:<6} {note}");
+        self.rows.push(Row {
+            workload,
+            system,
+            value,
+            unit,
+            note: note.to_owned(),
+        });
+    }
+
+    /// Calls `f` until the time budget is used; returns calls per second.
+    fn rate(&self, mut f: impl FnMut()) -> f64 {
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed().as_secs_f64() < self.secs {
+            f();
+            n += 1;
+        }
+        n as f64 / start.elapsed().as_secs_f64()
+    }
+}
+
+fn sqlite(path: &Path) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(path).expect("sqlite open");
+    c.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=60000;
+         CREATE TABLE IF NOT EXISTS log (id INTEGER PRIMARY KEY, payload BLOB NOT NULL);",
+    )
+    .expect("sqlite schema");
+    c
+}
+
+fn fsync_probe(b: &mut Bench) -> (f64, f64) {
+    let path = b.path("fsync.probe");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .expect("probe");
+    let one = b.rate(|| {
+        f.write_all(&PAYLOAD).expect("write");
+        f.sync_data().expect("fdatasync");
+    });
+    let batch = vec![7u8; 100 * 1000];
+    let thousand = b.rate(|| {
+        f.write_all(&batch).expect("write");
+        f.sync_data().expect("fdatasync");
+    }) * 1000.0;
+    b.push("W1", "fsync", one, "msg/s", "100 B append + fdatasync");
+    b.push(
+        "W3",
+        "fsync",
+        thousand,
+        "msg/s",
+        "1000 x 100 B append + fdatasync",
+    );
+    (one, thousand)
+}
+
+fn w1_w3(b: &mut Bench) -> [f64; 6] {
+    // W1: one durable message per commit.
+    let db = Database::open(b.path("w1.mqlite")).expect("open");
+    db.write(|t| t.create_topic("t", TopicConfig::default()))
+        .expect("topic");
+    let m1 = b.rate(|| {
+        db.write(|t| t.publish("t", &Message::new(PAYLOAD.to_vec())))
+            .expect("publish");
+    });
+    drop(db);
+    let redb = mqlite::redb::Database::create(b.path("w1.redb")).expect("redb");
+    let mut k = 0u64;
+    let r1 = b.rate(|| {
+        let t = redb.begin_write().expect("begin");
+        t.open_table(RAW)
+            .expect("table")
+            .insert(k, PAYLOAD.as_slice())
+            .expect("insert");
+        t.commit().expect("commit");
+        k += 1;
+    });
+    drop(redb);
+    let c = sqlite(&b.path("w1.sqlite"));
+    let s1 = b.rate(|| {
+        c.execute(
+            "INSERT INTO log (payload) VALUES (?1)",
+            [PAYLOAD.as_slice()],
+        )
+        .expect("insert");
+    });
+    drop(c);
+    b.push("W1", "mqlite", m1, "msg/s", "durable publish per commit");
+    b.push("W1", "redb", r1, "msg/s", "durable insert per commit");
+    b.push(
+        "W1",
+        "sqlite",
+        s1,
+        "msg/s",
+        "WAL, synchronous=FULL, insert per txn",
+    );
+
+    // W3: 1000 per commit.
+    let batch: Vec<Message> = (0..1000).map(|_| Message::new(PAYLOAD.to_vec())).collect();
+    let db = Database::open(b.path("w3.mqlite")).expect("open");
+    db.write(|t| t.create_topic("t", TopicConfig::default()))
+        .expect("topic");
+    let m3 = b.rate(|| {
+        db.write(|t| t.publish_batch("t", &batch)).expect("publish");
+    }) * 1000.0;
+    drop(db);
+    let redb = mqlite::redb::Database::create(b.path("w3.redb")).expect("redb");
+    let mut k = 0u64;
+    let r3 = b.rate(|| {
+        let t = redb.begin_write().expect("begin");
+        {
+            let mut table = t.open_table(RAW).expect("table");
+            for _ in 0..1000 {
+                table.insert(k, PAYLOAD.as_slice()).expect("insert");
+                k += 1;
+            }
+        }
+        t.commit().expect("commit");
+    }) * 1000.0;
+    drop(redb);
+    let mut c = sqlite(&b.path("w3.sqlite"));
+    let s3 = b.rate(|| {
+        let t = c.transaction().expect("txn");
+        {
+            let mut st = t
+                .prepare_cached("INSERT INTO log (payload) VALUES (?1)")
+                .expect("prep");
+            for _ in 0..1000 {
+                st.execute([PAYLOAD.as_slice()]).expect("insert");
+            }
+        }
+        t.commit().expect("commit");
+    }) * 1000.0;
+    b.push("W3", "mqlite", m3, "msg/s", "1000 per durable commit");
+    b.push("W3", "redb", r3, "msg/s", "1000 per durable commit");
+    b.push(
+        "W3",
+        "sqlite",
+        s3,
+        "msg/s",
+        "1000 per txn, synchronous=FULL",
+    );
+    [m1, r1, s1, m3, r3, s3]
+}
+
+fn w2(b: &mut Bench) -> (f64, f64) {
+    const THREADS: usize = 64;
+    let run = |work: Arc<dyn Fn() + Send + Sync>, secs: f64| -> f64 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let handles: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (stop, count, work) = (stop.clone(), count.clone(), work.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        work();
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        stop.store(true, Ordering::Relaxed);
+        for h in handles {
+            h.join().expect("worker");
+        }
+        count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    };
+    let db = Database::open(b.path("w2.mqlite")).expect("open");
+    db.write(|t| t.create_topic("t", TopicConfig::default()))
+        .expect("topic");
+    let m = run(
+        Arc::new(move || {
+            db.write(|t| t.publish("t", &Message::new(PAYLOAD.to_vec())))
+                .expect("publish");
+        }),
+        b.secs,
+    );
+    let path = b.path("w2.sqlite");
+    drop(sqlite(&path));
+    let conns: Arc<Vec<parking_lot::Mutex<rusqlite::Connection>>> = Arc::new(
+        (0..THREADS)
+            .map(|_| parking_lot::Mutex::new(sqlite(&path)))
+            .collect(),
+    );
+    let next = Arc::new(AtomicU64::new(0));
+    let s = run(
+        Arc::new(move || {
+            let i = next.fetch_add(1, Ordering::Relaxed) as usize % THREADS;
+            conns[i]
+                .lock()
+                .execute(
+                    "INSERT INTO log (payload) VALUES (?1)",
+                    [PAYLOAD.as_slice()],
+                )
+                .expect("insert");
+        }),
+        b.secs,
+    );
+    b.push(
+        "W2",
+        "mqlite",
+        m,
+        "msg/s",
+        "64 threads, durable publish per call",
+    );
+    b.push("W2", "sqlite", s, "msg/s", "64 threads, own connections");
+    (m, s)
+}
+
+fn w4_w5(b: &mut Bench, n: u64) -> [f64; 4] {
+    let db = Database::builder()
+        .durability(mqlite::Durability::Relaxed)
+        .open(b.path("w4.mqlite"))
+        .expect("open");
+    let batch: Vec<Message> = (0..1000).map(|_| Message::new(PAYLOAD.to_vec())).collect();
+    db.write(|t| {
+        t.create_topic("t", TopicConfig::default())?;
+        t.create_queue("q", QueueConfig::default())
+    })
+    .expect("setup");
+    for _ in 0..n / 1000 {
+        db.write(|t| {
+            t.publish_batch("t", &batch)?;
+            for m in &batch {
+                t.enqueue("q", m)?;
+            }
+            Ok::<_, mqlite::Error>(())
+        })
+        .expect("fill");
+    }
+    db.flush().expect("flush");
+    let start = Instant::now();
+    let mut consumer = db
+        .consumer("t", "g", mqlite::StartAt::Earliest)
+        .expect("consumer");
+    let mut read = 0;
+    loop {
+        let r = consumer.poll(1000, Duration::ZERO).expect("poll");
+        if r.is_empty() {
+            break;
+        }
+        read += r.len();
+    }
+    consumer.commit().expect("commit");
+    let m4 = read as f64 / start.elapsed().as_secs_f64();
+
+    let db_durable = Database::open(b.path("w5.mqlite")).expect("open");
+    drop(db_durable);
+    drop(db);
+    let db = Database::open(b.dir.join("w4.mqlite")).expect("reopen durable");
+    let start = Instant::now();
+    let mut done = 0;
+    loop {
+        let got = db
+            .write(|t| {
+                let d = t.receive("q", 1000)?;
+                for x in &d {
+                    t.ack(&x.lease)?;
+                }
+                Ok::<_, mqlite::Error>(d.len())
+            })
+            .expect("receive");
+        if got == 0 {
+            break;
+        }
+        done += got;
+    }
+    let m5 = done as f64 / start.elapsed().as_secs_f64();
+
+    let mut c = sqlite(&b.path("w4.sqlite"));
+    {
+        let t = c.transaction().expect("txn");
+        {
+            let mut st = t
+                .prepare_cached("INSERT INTO log (payload) VALUES (?1)")
+                .expect("prep");
+            for _ in 0..n {
+                st.execute([PAYLOAD.as_slice()]).expect("insert");
+            }
+        }
+        t.commit().expect("commit");
+    }
+    let start = Instant::now();
+    let mut st = c
+        .prepare("SELECT id, payload FROM log ORDER BY id")
+        .expect("prep");
+    let mut rows = st.query([]).expect("query");
+    let mut scanned = 0u64;
+    while let Some(row) = rows.next().expect("row") {
+        let p: Vec<u8> = row.get(1).expect("payload");
+        scanned += p.len() as u64 / 100;
+    }
+    drop(rows);
+    drop(st);
+    let s4 = scanned as f64 / start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let mut deleted = 0;
+    loop {
+        let t = c.transaction().expect("txn");
+        let ids: Vec<(i64, Vec<u8>)> = {
+            let mut st = t
+                .prepare_cached("SELECT id, payload FROM log ORDER BY id LIMIT 1000")
+                .expect("prep");
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .expect("q")
+                .collect::<Result<_, _>>()
+                .expect("rows")
+        };
+        if ids.is_empty() {
+            break;
+        }
+        {
+            let mut del = t
+                .prepare_cached("DELETE FROM log WHERE id = ?1")
+                .expect("prep");
+            for (id, _) in &ids {
+                del.execute([id]).expect("delete");
+            }
+        }
+        t.commit().expect("commit");
+        deleted += ids.len();
+    }
+    let s5 = deleted as f64 / start.elapsed().as_secs_f64();
+    b.push(
+        "W4",
+        "mqlite",
+        m4,
+        "msg/s",
+        &format!("group poll over {n} messages"),
+    );
+    b.push("W4", "sqlite", s4, "msg/s", "full scan ORDER BY id");
+    b.push(
+        "W5",
+        "mqlite",
+        m5,
+        "msg/s",
+        "receive + ack 1000 per durable commit",
+    );
+    b.push("W5", "sqlite", s5, "msg/s", "select + delete 1000 per txn");
+    [m4, s4, m5, s5]
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/tmp");
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let mut b = Bench {
+        dir,
+        secs: if quick { 1.0 } else { 3.0 },
+        rows: Vec::new(),
+    };
+    println!(
+        "{:<4} {:<7} {:>14} {:<6} note",
+        "wl", "system", "value", "unit"
+    );
+    let (fsync1, fsync1000) = fsync_probe(&mut b);
+    let [m1, _r1, _s1, m3, _r3, s3] = w1_w3(&mut b);
+    let (m2, s2) = w2(&mut b);
+    let [m4, s4, m5, s5] = w4_w5(&mut b, if quick { 50_000 } else { 200_000 });
+    let ratios = [
+        ("W1", "mqlite / fsync", m1 / fsync1, 0.8),
+        ("W2", "mqlite W2 / W1", m2 / m1, 20.0),
+        ("W2", "mqlite / sqlite", m2 / s2, 20.0),
+        ("W3", "mqlite / sqlite", m3 / s3, 2.0),
+        ("W3", "mqlite / raw disk", m3 / fsync1000, 0.5),
+        ("W4", "mqlite / sqlite", m4 / s4, 1.5),
+        ("W5", "mqlite / sqlite", m5 / s5, 1.0),
+    ];
+    println!("\nratios (target in brackets):");
+    for (w, what, r, target) in ratios {
+        println!(
+            "{w:<4} {what:<20} {r:>8.2}  [>= {target}] {}",
+            if r >= target { "met" } else { "MISSED" }
+        );
+        b.rows.push(Row {
+            workload: w,
+            system: "mqlite",
+            value: r,
+            unit: "ratio",
+            note: what.to_owned(),
+        });
+    }
+    let json: Vec<String> = b
+        .rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"workload\": \"{}\", \"system\": \"{}\", \"value\": {:.3}, \"unit\": \"{}\", \"note\": {:?}}}",
+                r.workload, r.system, r.value, r.unit, r.note
+            )
+        })
+        .collect();
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/results.json");
+    std::fs::write(&out, format!("[\n  {}\n]\n", json.join(",\n  "))).expect("results");
+    println!("\nwrote {}", out.display());
+    let _ = std::fs::remove_dir_all(&b.dir);
+}

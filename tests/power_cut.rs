@@ -2,10 +2,12 @@
 //! did not is all-or-nothing. A simulated disk drops, reorders and tears every write not yet
 //! synced at hundreds of crash points; file creation is interrupted at every step.
 
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on the first error")]
+
 mod common;
 
 use common::{Rng, SimDisk};
-use mqlite::redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
+use mqlite::redb::{ReadableTableMetadata, TableDefinition};
 use mqlite::{CreateStep, Database, Error, Message, TopicConfig};
 
 const DOMAIN: TableDefinition<u64, u64> = TableDefinition::new("domain");

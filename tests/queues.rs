@@ -3,6 +3,8 @@
 //! priorities, routing from topics by every binding rule, blocking receive woken by commits, by
 //! delays coming due and by leases expiring, many workers, and a model-based test with reopens.
 
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on the first error")]
+
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -408,7 +410,7 @@ fn routed_messages_take_priority_and_delay_from_headers_and_the_topic_keeps_its_
 
 #[test]
 fn consume_from_a_topic_and_enqueue_and_ack_with_a_domain_write_in_one_commit() {
-    use mqlite::redb::{ReadableTable, TableDefinition};
+    use mqlite::redb::TableDefinition;
     const DONE: TableDefinition<&str, u64> = TableDefinition::new("done");
     let db = Database::in_memory().unwrap();
     db.write(|txn| {

@@ -3,13 +3,15 @@
 //! on read, bad input refused without touching the file, and a model-based test against a
 //! plain `BTreeMap`.
 
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on the first error")]
+
 mod common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::Rng;
-use mqlite::redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use mqlite::redb::TableDefinition;
 use mqlite::{Database, Error, ManualClock, Message, MessageId, Retention, StartAt, TopicConfig};
 
 const ORDERS: TableDefinition<u64, &str> = TableDefinition::new("orders");
