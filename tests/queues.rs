@@ -598,7 +598,13 @@ fn random_operations_never_lose_a_message_nor_lease_it_twice() {
                             pending.contains(&id),
                             "{ctx}: delivered {id} which is settled"
                         );
-                        // A new lease on a message replaces ours only if ours had expired.
+                        // Held by one consumer at a time: a lease we still hold on this
+                        // message must have gone stale before it could be handed out again.
+                        if let Some(old) = leases.get(&id) {
+                            assert!(old.delivery_count < d.lease.delivery_count, "{ctx}");
+                            let stale = db.write(|txn| txn.ack(old)).unwrap_err();
+                            assert!(matches!(stale, Error::StaleLease { .. }), "{ctx}: {stale}");
+                        }
                         leases.insert(id, d.lease);
                     }
                 }

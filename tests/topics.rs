@@ -603,3 +603,71 @@ fn message_ids_are_unique_and_ordered_and_caller_ids_are_kept() {
     assert_eq!(rec.message.id, id);
     assert_eq!(rec.message.key.as_deref(), Some(&b"k"[..]));
 }
+
+#[test]
+fn topics_are_listed_reconfigured_and_deleted_with_their_groups_and_bindings() {
+    let db = Database::in_memory().unwrap();
+    db.write(|txn| {
+        txn.create_topic("a", TopicConfig::default())?;
+        txn.create_topic("b", TopicConfig::default())?;
+        txn.create_queue("q", mqlite::QueueConfig::default())?;
+        txn.bind("a", "q", mqlite::Binding::Fanout)?;
+        txn.publish("a", &Message::new("x"))?;
+        txn.commit_offset("a", "g", 1)
+    })
+    .unwrap();
+    let names = |db: &Database| -> Vec<String> {
+        db.read(|r| r.topics())
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name)
+            .collect()
+    };
+    assert_eq!(names(&db), ["a", "b"]);
+    let keep_ten = TopicConfig::default().retention(Retention {
+        max_messages: Some(10),
+        ..Default::default()
+    });
+    db.write(|txn| txn.configure_topic("b", keep_ten)).unwrap();
+    assert_eq!(db.read(|r| r.topic_info("b")).unwrap().config, keep_ten);
+    db.write(|txn| txn.delete_topic("a")).unwrap();
+    assert_eq!(names(&db), ["b"]);
+    assert!(matches!(
+        db.read(|r| r.topic_info("a")),
+        Err(Error::UnknownTopic { .. })
+    ));
+    // Re-created, it starts empty: no old log, group or binding comes back.
+    db.write(|txn| txn.create_topic("a", TopicConfig::default()))
+        .unwrap();
+    db.read(|r| {
+        assert_eq!(r.topic_info("a")?.next_offset, 0);
+        assert!(r.read_topic("a", 0, 10)?.is_empty());
+        assert!(r.groups("a")?.is_empty());
+        assert!(r.bindings("a")?.is_empty());
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    assert!(matches!(
+        db.write(|txn| txn.delete_topic("zz")),
+        Err(Error::UnknownTopic { .. })
+    ));
+}
+
+#[test]
+fn a_snapshot_does_not_block_writers_and_does_not_see_later_commits() {
+    let db = Database::in_memory().unwrap();
+    topic(&db, "t", Retention::default());
+    let snapshot = db.begin_read().unwrap();
+    let writer = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            for i in 0..10u8 {
+                db.write(|txn| txn.publish("t", &Message::new(vec![i])))
+                    .unwrap();
+            }
+        })
+    };
+    writer.join().unwrap(); // finishes while the snapshot is open
+    assert_eq!(snapshot.topic_info("t").unwrap().next_offset, 0);
+    assert_eq!(db.read(|r| r.topic_info("t")).unwrap().next_offset, 10);
+}
