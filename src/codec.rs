@@ -32,6 +32,7 @@ pub(crate) enum Kind {
     Queue = 3,
     QueueEntry = 4,
     Binding = 5,
+    Outbox = 6,
 }
 
 const LAYOUT_VERSION: u8 = 1;
@@ -533,6 +534,39 @@ pub(crate) fn decode_entry(bytes: &[u8]) -> Result<QueueEntry> {
         expires_ms,
         deaths,
     })
+}
+
+/// An outbox row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct OutboxRecord {
+    pub(crate) destination: String,
+    pub(crate) message: Message,
+    pub(crate) attempts: u32,
+    pub(crate) next_attempt_ms: u64,
+    pub(crate) last_error: String,
+}
+
+pub(crate) fn encode_outbox(o: &OutboxRecord) -> Vec<u8> {
+    let mut w = Writer::new(Kind::Outbox, o.message.size_bytes() as usize + 64);
+    w.bytes(o.destination.as_bytes())
+        .u32(o.attempts)
+        .u64(o.next_attempt_ms)
+        .bytes(o.last_error.as_bytes());
+    write_message(&mut w, &o.message);
+    w.finish()
+}
+
+pub(crate) fn decode_outbox(bytes: &[u8]) -> Result<OutboxRecord> {
+    let mut r = Reader::open(bytes, Kind::Outbox, "outbox row")?;
+    let record = OutboxRecord {
+        destination: r.string()?,
+        attempts: r.u32()?,
+        next_attempt_ms: r.u64()?,
+        last_error: r.string()?,
+        message: read_message(&mut r)?,
+    };
+    r.finish()?;
+    Ok(record)
 }
 
 /// A binding's stored record: the target queue and the rule.

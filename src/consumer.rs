@@ -3,10 +3,12 @@
 use std::time::Duration;
 
 use crate::db::Database;
+use crate::dedup::{DEFAULT_DEDUP_TTL_MS, Dedup};
 use crate::error::{Error, Result};
 use crate::queue::{self, Delivery};
 use crate::schema::{QUEUE_TIMERS, QUEUES};
 use crate::topic::{Record, StartAt};
+use crate::txn::WriteTransaction;
 
 /// A consumer group member reading a topic, Kafka style: it keeps a position in memory, reads
 /// from it with [`Consumer::poll`], and stores it with [`Consumer::commit`] (or inside a
@@ -95,7 +97,111 @@ impl Database {
     }
 }
 
+/// What an idempotent `process` call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessReport {
+    /// Messages whose handler ran and committed.
+    pub handled: u64,
+    /// Messages skipped because their id was already recorded (a redelivery or a replay).
+    pub duplicates: u64,
+}
+
+impl Database {
+    /// The idempotent consumer for a queue: receives up to `max` messages (waiting up to
+    /// `timeout` for the first), and for each one runs `handler` in a transaction that also
+    /// records the message id in the dedup table (scope = the queue name) and acks it. So the
+    /// handler's effect, the dedup mark and the ack land in one commit: exactly-once effects in
+    /// the file. A message whose id is already recorded is acked without running the handler.
+    ///
+    /// # Errors
+    ///
+    /// The handler's error stops the call; that message's transaction rolls back (no effect, no
+    /// mark, no ack) and it is delivered again when its lease runs out. The ones before it stay
+    /// committed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let db = mqlite::Database::in_memory()?;
+    /// db.write(|txn| {
+    ///     txn.create_queue("jobs", Default::default())?;
+    ///     txn.enqueue("jobs", &mqlite::Message::new("job"))
+    /// })?;
+    /// let report = db.process_queue("jobs", 10, Duration::ZERO, |_txn, delivery| {
+    ///     assert_eq!(delivery.message.payload, b"job"); // write the effect through _txn
+    ///     Ok::<(), mqlite::Error>(())
+    /// })?;
+    /// assert_eq!(report.handled, 1);
+    /// # Ok::<(), mqlite::Error>(())
+    /// ```
+    pub fn process_queue<E: From<Error>>(
+        &self,
+        queue: &str,
+        max: usize,
+        timeout: Duration,
+        mut handler: impl FnMut(&WriteTransaction<'_>, &Delivery) -> Result<(), E>,
+    ) -> Result<ProcessReport, E> {
+        let mut report = ProcessReport::default();
+        for delivery in self.receive(queue, max, timeout)? {
+            let fresh = self.write(|txn| {
+                let fresh =
+                    txn.dedup(queue, delivery.message.id, DEFAULT_DEDUP_TTL_MS)? == Dedup::New;
+                if fresh {
+                    handler(txn, &delivery)?;
+                }
+                txn.ack(&delivery.lease)?;
+                Ok::<_, E>(fresh)
+            })?;
+            if fresh {
+                report.handled += 1;
+            } else {
+                report.duplicates += 1;
+            }
+        }
+        Ok(report)
+    }
+}
+
 impl Consumer {
+    /// The idempotent consumer for a topic: polls up to `max` records and, for each, runs
+    /// `handler` in a transaction that also records the message id in the dedup table (scope =
+    /// the group name) and commits the group's offset past it. A replayed id is skipped (its
+    /// offset still commits).
+    ///
+    /// # Errors
+    ///
+    /// The handler's error stops the call, rolls back that record's transaction and moves the
+    /// position back to it, so the next call retries it.
+    pub fn process<E: From<Error>>(
+        &mut self,
+        max: usize,
+        timeout: Duration,
+        mut handler: impl FnMut(&WriteTransaction<'_>, &Record) -> Result<(), E>,
+    ) -> Result<ProcessReport, E> {
+        let mut report = ProcessReport::default();
+        for record in self.poll(max, timeout)? {
+            let result = self.db.write(|txn| {
+                let fresh =
+                    txn.dedup(&self.group, record.message.id, DEFAULT_DEDUP_TTL_MS)? == Dedup::New;
+                if fresh {
+                    handler(txn, &record)?;
+                }
+                txn.commit_offset(&self.topic, &self.group, record.offset + 1)?;
+                Ok::<_, E>(fresh)
+            });
+            match result {
+                Ok(true) => report.handled += 1,
+                Ok(false) => report.duplicates += 1,
+                Err(e) => {
+                    self.position = record.offset;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(report)
+    }
+
     /// Reads up to `max` messages from the current position, waiting up to `timeout` for the
     /// first one, and advances the position past what it returns. A position below the oldest
     /// stored message (removed by retention) moves up to it.

@@ -407,6 +407,7 @@ fn init_schema(db: &redb::Database) -> Result<()> {
         txn.open_table(schema::QUEUE_TIMERS)?;
         txn.open_table(schema::BINDINGS)?;
         txn.open_table(schema::OUTBOX)?;
+        txn.open_table(schema::OUTBOX_PARKED)?;
         txn.open_table(schema::DEDUP)?;
         txn.open_table(schema::DEDUP_EXPIRY)?;
     }
@@ -730,6 +731,30 @@ impl Database {
             }
         }
         Ok(report)
+    }
+
+    /// A counter that moves every time a commit in this process makes something new to
+    /// consume (a publish, an enqueue, a requeue, an outbox row). Pair it with
+    /// [`Database::wait_for_commit`] to wait without missing a commit.
+    pub fn commit_generation(&self) -> u64 {
+        self.shared.notifier.generation()
+    }
+
+    /// Blocks until [`Database::commit_generation`] moves past `seen` or `timeout` passes;
+    /// returns whether it moved. Commits of other processes do not move it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let db = mqlite::Database::in_memory()?;
+    /// let seen = db.commit_generation();
+    /// db.write(|txn| txn.outbox_put("x", &mqlite::Message::new("m")))?;
+    /// assert!(db.wait_for_commit(seen, std::time::Duration::ZERO));
+    /// # Ok::<(), mqlite::Error>(())
+    /// ```
+    pub fn wait_for_commit(&self, seen: u64, timeout: Duration) -> bool {
+        self.shared.notifier.wait(seen, Instant::now() + timeout);
+        self.shared.notifier.generation() != seen
     }
 
     /// The database clock's current time in milliseconds.

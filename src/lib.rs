@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod bridge;
 mod clock;
 mod codec;
 mod consumer;
@@ -18,7 +19,9 @@ mod dedup;
 mod error;
 mod message;
 mod names;
+mod outbox;
 mod queue;
+mod relay;
 mod routing;
 mod schema;
 mod topic;
@@ -27,16 +30,37 @@ mod txn;
 /// The redb version mqlite is built on, for the application's own tables.
 pub use redb;
 
+#[cfg(feature = "amqp")]
+pub use bridge::AmqpSource;
+#[cfg(feature = "mqtt")]
+pub use bridge::MqttSource;
+#[cfg(feature = "nats")]
+pub use bridge::NatsSource;
+pub use bridge::{
+    Bridge, BridgeHandle, BridgeStats, BridgeStep, BridgeTarget, Source, SourceError,
+};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use consumer::Consumer;
+pub use consumer::{Consumer, ProcessReport};
 pub use db::{Builder, CreateStep, Database, Durability, Limits};
 pub use dedup::{DEFAULT_DEDUP_TTL_MS, Dedup};
 pub use error::{Error, Result};
 pub use message::{Message, MessageId};
 pub use names::MAX_NAME_BYTES;
+pub use outbox::{OutboxInfo, OutboxMessage};
 pub use queue::{
     Death, DeathReason, Delivery, EnqueueOptions, Lease, MAX_DELIVERIES_LIMIT, MAX_LEASE_MS,
     MAX_PRIORITY, Nack, Overflow, QueueConfig, QueueInfo,
+};
+#[cfg(feature = "amqp")]
+pub use relay::AmqpSink;
+#[cfg(feature = "kafka")]
+pub use relay::KafkaSink;
+#[cfg(feature = "mqtt")]
+pub use relay::MqttSink;
+#[cfg(feature = "nats")]
+pub use relay::NatsSink;
+pub use relay::{
+    FnSink, MqliteSink, Relay, RelayConfig, RelayHandle, RelayStats, RelayStep, Sink, SinkError,
 };
 pub use routing::{Binding, BindingInfo, HeaderMatch, MAX_ROUTING_KEY_BYTES, pattern_matches};
 pub use topic::{GroupInfo, Record, Retention, RetentionReport, StartAt, TopicConfig, TopicInfo};

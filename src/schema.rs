@@ -19,6 +19,8 @@ pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("mqli
 pub(crate) const META_FORMAT: &str = "format_version";
 /// The next id for a topic or queue, u64 LE. Ids are never reused.
 pub(crate) const META_NEXT_ID: &str = "next_id";
+/// The next outbox sequence, u64 LE. Sequences are never reused.
+pub(crate) const META_OUTBOX_NEXT: &str = "outbox_next";
 
 /// topic name -> topic envelope (id, config, offsets, stored bytes).
 pub(crate) const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("mqlite_topics");
@@ -45,8 +47,11 @@ pub(crate) const QUEUE_TIMERS: TableDefinition<(u64, u64, u64), ()> =
 pub(crate) const BINDINGS: TableDefinition<(u64, u64), &[u8]> =
     TableDefinition::new("mqlite_bindings");
 
-/// sequence -> outbox envelope (destination, message, attempts, state).
+/// sequence -> outbox envelope (destination, message, attempts, last error): rows to relay.
 pub(crate) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("mqlite_outbox");
+/// sequence -> outbox envelope: rows parked after too many failed attempts.
+pub(crate) const OUTBOX_PARKED: TableDefinition<u64, &[u8]> =
+    TableDefinition::new("mqlite_outbox_parked");
 /// (scope, message id) -> expiry ms.
 pub(crate) const DEDUP: TableDefinition<(&str, u128), u64> = TableDefinition::new("mqlite_dedup");
 /// (expiry ms, scope, message id) -> (): the dedup entries in expiry order.

@@ -10,8 +10,7 @@ use crate::error::{Error, Result};
 use crate::queue::{self, QueueInfo};
 use crate::routing::{self, BindingInfo};
 use crate::schema::{
-    BINDINGS, GROUPS, LOG, LOG_TIME, META, META_NEXT_ID, QUEUE_ENTRIES, QUEUES, RESERVED_PREFIX,
-    TOPICS,
+    BINDINGS, GROUPS, LOG, LOG_TIME, META_NEXT_ID, QUEUE_ENTRIES, QUEUES, RESERVED_PREFIX, TOPICS,
 };
 use crate::topic::{self, GroupInfo, Record, StartAt, TopicInfo};
 
@@ -94,13 +93,7 @@ impl<'db> WriteTransaction<'db> {
 
     /// Allocates an id for a topic or queue; ids are never reused.
     pub(crate) fn next_id(&self) -> Result<u64> {
-        let mut meta = self.table(META)?;
-        let id = match meta.get(META_NEXT_ID)? {
-            Some(v) => codec::decode_u64(v.value(), "meta next_id")?,
-            None => 1,
-        };
-        meta.insert(META_NEXT_ID, id.saturating_add(1).to_le_bytes().as_slice())?;
-        Ok(id)
+        self.next_counter(META_NEXT_ID)
     }
 
     pub(crate) fn into_inner(self) -> redb::WriteTransaction {
