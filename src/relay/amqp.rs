@@ -141,7 +141,7 @@ impl Sink for AmqpSink {
         for confirm in confirms {
             match self
                 .runtime
-                .block_on(tokio::time::timeout(timeout, confirm))
+                .block_on(async { tokio::time::timeout(timeout, confirm).await })
             {
                 Ok(Ok(c)) => {
                     let acked = c.is_ack();

@@ -37,12 +37,28 @@ impl KafkaSink {
     ///
     /// When the producer or the runtime cannot be created.
     pub fn new(bootstrap_servers: &str) -> Result<Self, SinkError> {
-        let producer = ClientConfig::new()
+        KafkaSink::with_options(bootstrap_servers, &[])
+    }
+
+    /// A sink with extra librdkafka producer settings, applied after the defaults (for example
+    /// `("message.timeout.ms", "500")`).
+    ///
+    /// # Errors
+    ///
+    /// When the producer or the runtime cannot be created.
+    pub fn with_options(
+        bootstrap_servers: &str,
+        options: &[(&str, &str)],
+    ) -> Result<Self, SinkError> {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", bootstrap_servers)
             .set("enable.idempotence", "true")
-            .set("message.timeout.ms", "5000")
-            .create()
-            .map_err(|e| SinkError::new(0, e))?;
+            .set("message.timeout.ms", "5000");
+        for (key, value) in options {
+            config.set(*key, *value);
+        }
+        let producer = config.create().map_err(|e| SinkError::new(0, e))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -95,7 +111,7 @@ impl Sink for KafkaSink {
         for delivery in deliveries {
             match self
                 .runtime
-                .block_on(tokio::time::timeout(self.timeout, delivery))
+                .block_on(async { tokio::time::timeout(self.timeout, delivery).await })
             {
                 Ok(Ok(Ok(_))) => confirmed += 1,
                 Ok(Ok(Err((e, _)))) => return Err(SinkError::new(confirmed, e)),

@@ -67,7 +67,11 @@ impl NatsSink {
                     .await
             })
             .map_err(|e| SinkError::new(0, format!("connect: {e}")))?;
-        let context = jetstream::new(client);
+        // The context spawns its ack task on the runtime it is made in.
+        let context = {
+            let _runtime = self.runtime.enter();
+            jetstream::new(client)
+        };
         self.context = Some(context.clone());
         Ok(context)
     }
@@ -133,7 +137,10 @@ impl Sink for NatsSink {
         let (acks, send_failure) = result;
         let mut confirmed = 0;
         for ack in acks {
-            match self.runtime.block_on(tokio::time::timeout(timeout, ack)) {
+            match self
+                .runtime
+                .block_on(async { tokio::time::timeout(timeout, ack).await })
+            {
                 Ok(Ok(_)) => confirmed += 1,
                 Ok(Err(e)) => return Err(self.fail(confirmed, e)),
                 Err(_) => return Err(self.fail(confirmed, "ack timed out")),

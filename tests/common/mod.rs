@@ -227,3 +227,212 @@ impl StorageBackend for SimDisk {
         Ok(())
     }
 }
+
+/// A TCP gate in front of a real server on loopback: while open it forwards connections,
+/// while closed it refuses them and cuts the ones it carried. Lets a test make a broker
+/// unreachable without stopping it.
+#[derive(Clone)]
+pub struct Gate {
+    pub port: u16,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    live: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Gate {
+    /// A closed gate in front of `127.0.0.1:upstream`.
+    pub fn new(upstream: u16) -> Gate {
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let gate = Gate {
+            port: listener.local_addr().unwrap().port(),
+            open: Arc::default(),
+            live: Arc::default(),
+        };
+        let g = gate.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !g.open.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                {
+                    let mut live = g.live.lock();
+                    live.push(client.try_clone().unwrap());
+                    live.push(server.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        gate
+    }
+
+    pub fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn close(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for s in self.live.lock().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Fails loudly unless a server listens on `127.0.0.1:port`.
+pub fn require_service(name: &str, port: u16) {
+    if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        panic!(
+            "{name} is not reachable on 127.0.0.1:{port}: start it (.ci/run does) and run again"
+        );
+    }
+}
+
+/// A name unique to this test run.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}{}x{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+/// A sink that publishes, then reports a failure once when armed, as if the relay died after
+/// the broker's confirm but before its mark-delivered commit.
+pub struct DiesAfterConfirm<S> {
+    pub inner: S,
+    pub armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S: mqlite::Sink> DiesAfterConfirm<S> {
+    pub fn new(inner: S) -> Self {
+        DiesAfterConfirm {
+            inner,
+            armed: Arc::default(),
+        }
+    }
+}
+
+impl<S: mqlite::Sink> mqlite::Sink for DiesAfterConfirm<S> {
+    fn publish(&mut self, messages: &[mqlite::OutboxMessage]) -> Result<(), mqlite::SinkError> {
+        self.inner.publish(messages)?;
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err(mqlite::SinkError::new(
+                0,
+                "relay killed after the broker confirmed",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A source whose `ack` fails once when armed, as if the bridge died after its local commit
+/// but before acking the broker.
+pub struct DiesBeforeAck<S> {
+    pub inner: S,
+    pub armed: bool,
+}
+
+impl<S: mqlite::Source> mqlite::Source for DiesBeforeAck<S> {
+    type Token = S::Token;
+
+    fn fetch(
+        &mut self,
+        max: usize,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<(mqlite::Message, S::Token)>, mqlite::SourceError> {
+        self.inner.fetch(max, timeout)
+    }
+
+    fn ack(&mut self, tokens: Vec<S::Token>) -> Result<(), mqlite::SourceError> {
+        if std::mem::take(&mut self.armed) {
+            return Err(mqlite::SourceError::new("bridge killed before the ack"));
+        }
+        self.inner.ack(tokens)
+    }
+}
+
+/// The relay half of every broker scenario: with the broker unreachable (the gate closed),
+/// `n` outbox messages accumulate while the relay fails and backs off; then the gate opens and
+/// the backlog drains. Returns the source database, its clock and the relay.
+pub fn offline_backlog_then_drain<S: mqlite::Sink>(
+    sink: S,
+    gate: &Gate,
+    n: u32,
+    destination: &str,
+) -> (mqlite::Database, mqlite::ManualClock, mqlite::Relay<S>) {
+    let clock = mqlite::ManualClock::new(1_000_000);
+    let db = mqlite::Database::builder()
+        .clock(clock.clone())
+        .open_in_memory()
+        .unwrap();
+    gate.close();
+    let ids: Vec<u32> = (0..n).collect();
+    for chunk in ids.chunks(1000) {
+        db.write(|txn| {
+            for i in chunk {
+                let m =
+                    mqlite::Message::new(i.to_le_bytes().to_vec()).with_key(format!("k{}", i % 7));
+                txn.outbox_put(destination, &m)?;
+            }
+            Ok::<_, mqlite::Error>(())
+        })
+        .unwrap();
+    }
+    let config = mqlite::RelayConfig {
+        batch_size: 200,
+        max_attempts: 1_000,
+        ..Default::default()
+    };
+    let mut relay = mqlite::Relay::with_config(db.clone(), sink, config);
+    for _ in 0..3 {
+        let step = relay.run_once().unwrap();
+        assert_eq!(step.sent, 0, "the broker is unreachable");
+        assert!(step.failure.is_some());
+        clock.advance_ms(3_600_000);
+    }
+    let info = db.read(|r| r.outbox_info()).unwrap();
+    assert_eq!(
+        info.backlog,
+        u64::from(n),
+        "offline: the backlog only grows"
+    );
+    assert!(info.last_error.is_some());
+    gate.open();
+    drain(&db, &clock, &mut relay);
+    (db, clock, relay)
+}
+
+/// Steps the relay until the outbox is empty (bounded).
+pub fn drain<S: mqlite::Sink>(
+    db: &mqlite::Database,
+    clock: &mqlite::ManualClock,
+    relay: &mut mqlite::Relay<S>,
+) {
+    for _ in 0..10_000 {
+        if db.read(|r| r.outbox_info()).unwrap().backlog == 0 {
+            return;
+        }
+        let step = relay.run_once().unwrap();
+        if step.sent == 0 {
+            clock.advance_ms(3_600_000);
+        }
+    }
+    panic!(
+        "the relay did not drain: {:?}",
+        db.read(|r| r.outbox_info()).unwrap()
+    );
+}
