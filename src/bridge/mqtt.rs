@@ -1,5 +1,6 @@
 //! MQTT source (feature `mqtt`): an MQTT 5 persistent session at QoS 1 with manual acks.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::QoS;
@@ -16,6 +17,8 @@ pub struct MqttSource {
     filter: String,
     runtime: tokio::runtime::Runtime,
     connection: Option<(AsyncClient, EventLoop)>,
+    /// Publishes that arrived while acks were being written; handed out by the next fetch.
+    arrived: VecDeque<Publish>,
 }
 
 impl std::fmt::Debug for MqttSource {
@@ -48,6 +51,7 @@ impl MqttSource {
             filter: filter.to_owned(),
             runtime,
             connection: None,
+            arrived: VecDeque::new(),
         })
     }
 
@@ -96,8 +100,14 @@ impl Source for MqttSource {
     ) -> Result<Vec<(Message, Publish)>, SourceError> {
         let (client, mut eventloop) = self.connection()?;
         let deadline = Instant::now() + timeout;
+        let mut out: Vec<(Message, Publish)> = Vec::new();
+        while out.len() < max {
+            let Some(p) = self.arrived.pop_front() else {
+                break;
+            };
+            out.push((to_message(&p), p));
+        }
         let result = self.runtime.block_on(async {
-            let mut out = Vec::new();
             while out.len() < max {
                 let wait = if out.is_empty() {
                     deadline.saturating_duration_since(Instant::now())
@@ -113,8 +123,9 @@ impl Source for MqttSource {
                     Ok(Err(e)) => return Err(SourceError::new(e)),
                 }
             }
-            Ok(out)
+            Ok(())
         });
+        let result = result.map(|()| out);
         if result.is_ok() {
             self.connection = Some((client, eventloop));
         }
@@ -123,6 +134,7 @@ impl Source for MqttSource {
 
     fn ack(&mut self, tokens: Vec<Publish>) -> Result<(), SourceError> {
         let (client, mut eventloop) = self.connection()?;
+        let arrived = &mut self.arrived;
         let result = self.runtime.block_on(async {
             for p in &tokens {
                 client.ack(p).await.map_err(SourceError::new)?;
@@ -132,6 +144,7 @@ impl Source for MqttSource {
             while written < tokens.len() {
                 match tokio::time::timeout(Duration::from_secs(5), eventloop.poll()).await {
                     Ok(Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(_)))) => written += 1,
+                    Ok(Ok(Event::Incoming(Packet::Publish(p)))) => arrived.push_back(p),
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => return Err(SourceError::new(e)),
                     Err(_) => return Err(SourceError::new("acks not written in time")),

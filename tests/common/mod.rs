@@ -374,6 +374,18 @@ pub fn offline_backlog_then_drain<S: mqlite::Sink>(
     n: u32,
     destination: &str,
 ) -> (mqlite::Database, mqlite::ManualClock, mqlite::Relay<S>) {
+    offline_backlog_then_drain_paced(sink, gate, n, destination, |_| {})
+}
+
+/// As [`offline_backlog_then_drain`], but before each relay step `pace(sent so far)` may hold
+/// the relay back (for a broker that drops what a slow subscriber cannot take).
+pub fn offline_backlog_then_drain_paced<S: mqlite::Sink>(
+    sink: S,
+    gate: &Gate,
+    n: u32,
+    destination: &str,
+    mut pace: impl FnMut(u64),
+) -> (mqlite::Database, mqlite::ManualClock, mqlite::Relay<S>) {
     let clock = mqlite::ManualClock::new(1_000_000);
     let db = mqlite::Database::builder()
         .clock(clock.clone())
@@ -412,8 +424,22 @@ pub fn offline_backlog_then_drain<S: mqlite::Sink>(
     );
     assert!(info.last_error.is_some());
     gate.open();
-    drain(&db, &clock, &mut relay);
-    (db, clock, relay)
+    let mut sent = 0;
+    for _ in 0..10_000 {
+        if db.read(|r| r.outbox_info()).unwrap().backlog == 0 {
+            return (db, clock, relay);
+        }
+        pace(sent);
+        let step = relay.run_once().unwrap();
+        sent += step.sent as u64;
+        if step.sent == 0 {
+            clock.advance_ms(3_600_000);
+        }
+    }
+    panic!(
+        "the relay did not drain: {:?}",
+        db.read(|r| r.outbox_info()).unwrap()
+    );
 }
 
 /// Steps the relay until the outbox is empty (bounded).
