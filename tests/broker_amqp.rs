@@ -58,7 +58,7 @@ fn rabbitmq_backlog_drains_in_order_duplicates_are_dropped_and_the_bridge_lands_
     // The default exchange routes by queue name: the destination is the queue.
     let sink = DiesAfterConfirm::new(AmqpSink::new(uri, "").unwrap());
     let armed = sink.armed.clone();
-    let (source, clock, mut relay) = offline_backlog_then_drain(sink, &gate, N, &queue);
+    let (source, clock, mut relay) = offline_backlog_then_drain(sink, |up| gate.set(up), N, &queue);
 
     source
         .write(|txn| {

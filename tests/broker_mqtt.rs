@@ -56,8 +56,12 @@ fn mqtt_backlog_drains_in_order_duplicates_are_dropped_and_the_bridge_lands_each
     // Mosquitto queues at most 1000 messages per subscriber beyond its 20 in flight and drops
     // the rest (its max_queued_messages default): keep the relay within 500 of the bridge.
     let inbox_len = || local.read(|r| r.topic_info("inbox")).unwrap().next_offset;
-    let (db, clock, mut relay) =
-        offline_backlog_then_drain_paced(sink, &gate, N, &destination, |sent| {
+    let (db, clock, mut relay) = offline_backlog_then_drain_paced(
+        sink,
+        |up| gate.set(up),
+        N,
+        &destination,
+        |sent| {
             for _ in 0..600 {
                 if inbox_len() + 500 >= sent {
                     return;
@@ -65,7 +69,8 @@ fn mqtt_backlog_drains_in_order_duplicates_are_dropped_and_the_bridge_lands_each
                 local.wait_for_commit(local.commit_generation(), Duration::from_millis(100));
             }
             panic!("the bridge fell behind: {} of {sent}", inbox_len());
-        });
+        },
+    );
     db.write(|txn| {
         for i in N..N + 100 {
             txn.outbox_put(&destination, &Message::new(i.to_le_bytes().to_vec()))?;

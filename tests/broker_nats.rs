@@ -33,7 +33,8 @@ fn nats_backlog_drains_in_order_duplicates_are_dropped_and_the_bridge_lands_each
     let sink =
         DiesAfterConfirm::new(NatsSink::new(format!("nats://127.0.0.1:{}", gate.port)).unwrap());
     let armed = sink.armed.clone();
-    let (source, clock, mut relay) = offline_backlog_then_drain(sink, &gate, N, &subject);
+    let (source, clock, mut relay) =
+        offline_backlog_then_drain(sink, |up| gate.set(up), N, &subject);
 
     // Killed between the broker's confirm and the mark-delivered commit: re-sent, deduplicated.
     source

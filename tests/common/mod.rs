@@ -284,6 +284,11 @@ impl Gate {
         self.open.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Opens or closes the gate; handy as the `reachable` of the broker scenarios.
+    pub fn set(&self, open: bool) {
+        if open { self.open() } else { self.close() }
+    }
+
     pub fn close(&self) {
         self.open.store(false, std::sync::atomic::Ordering::SeqCst);
         for s in self.live.lock().drain(..) {
@@ -370,18 +375,18 @@ impl<S: mqlite::Source> mqlite::Source for DiesBeforeAck<S> {
 /// the backlog drains. Returns the source database, its clock and the relay.
 pub fn offline_backlog_then_drain<S: mqlite::Sink>(
     sink: S,
-    gate: &Gate,
+    reachable: impl Fn(bool),
     n: u32,
     destination: &str,
 ) -> (mqlite::Database, mqlite::ManualClock, mqlite::Relay<S>) {
-    offline_backlog_then_drain_paced(sink, gate, n, destination, |_| {})
+    offline_backlog_then_drain_paced(sink, reachable, n, destination, |_| {})
 }
 
 /// As [`offline_backlog_then_drain`], but before each relay step `pace(sent so far)` may hold
 /// the relay back (for a broker that drops what a slow subscriber cannot take).
 pub fn offline_backlog_then_drain_paced<S: mqlite::Sink>(
     sink: S,
-    gate: &Gate,
+    reachable: impl Fn(bool),
     n: u32,
     destination: &str,
     mut pace: impl FnMut(u64),
@@ -391,7 +396,7 @@ pub fn offline_backlog_then_drain_paced<S: mqlite::Sink>(
         .clock(clock.clone())
         .open_in_memory()
         .unwrap();
-    gate.close();
+    reachable(false);
     let ids: Vec<u32> = (0..n).collect();
     for chunk in ids.chunks(1000) {
         db.write(|txn| {
@@ -423,7 +428,7 @@ pub fn offline_backlog_then_drain_paced<S: mqlite::Sink>(
         "offline: the backlog only grows"
     );
     assert!(info.last_error.is_some());
-    gate.open();
+    reachable(true);
     let mut sent = 0;
     for _ in 0..10_000 {
         if db.read(|r| r.outbox_info()).unwrap().backlog == 0 {
