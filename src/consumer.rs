@@ -112,6 +112,8 @@ impl Database {
     /// records the message id in the dedup table (scope = the queue name) and acks it. So the
     /// handler's effect, the dedup mark and the ack land in one commit: exactly-once effects in
     /// the file. A message whose id is already recorded is acked without running the handler.
+    /// The batch commits as one transaction; if a handler fails, it is redone one message per
+    /// transaction (so handlers may run twice, and must act only through `txn`).
     ///
     /// # Errors
     ///
@@ -142,25 +144,51 @@ impl Database {
         timeout: Duration,
         mut handler: impl FnMut(&WriteTransaction<'_>, &Delivery) -> Result<(), E>,
     ) -> Result<ProcessReport, E> {
-        let mut report = ProcessReport::default();
-        for delivery in self.receive(queue, max, timeout)? {
-            let fresh = self.write(|txn| {
-                let fresh =
-                    txn.dedup(queue, delivery.message.id, DEFAULT_DEDUP_TTL_MS)? == Dedup::New;
-                if fresh {
-                    handler(txn, &delivery)?;
-                }
-                txn.ack(&delivery.lease)?;
-                Ok::<_, E>(fresh)
-            })?;
-            if fresh {
-                report.handled += 1;
-            } else {
-                report.duplicates += 1;
+        let deliveries = self.receive(queue, max, timeout)?;
+        // Fast path: the whole batch in one commit. If a handler fails, that commit rolls back
+        // and the batch is redone one message per commit, so the failure stops at its message.
+        let whole = self.write(|txn| {
+            let mut report = ProcessReport::default();
+            for delivery in &deliveries {
+                settle_delivery(txn, queue, delivery, &mut report, &mut handler)?;
             }
+            Ok::<_, E>(report)
+        });
+        if let Ok(report) = whole {
+            return Ok(report);
+        }
+        let mut report = ProcessReport::default();
+        for delivery in &deliveries {
+            self.write(|txn| {
+                let mut one = ProcessReport::default();
+                settle_delivery(txn, queue, delivery, &mut one, &mut handler)?;
+                Ok::<_, E>(one)
+            })
+            .map(|one| {
+                report.handled += one.handled;
+                report.duplicates += one.duplicates;
+            })?;
         }
         Ok(report)
     }
+}
+
+/// Runs the handler for a delivery unless its id was seen, records it, and acks it.
+fn settle_delivery<E: From<Error>>(
+    txn: &WriteTransaction<'_>,
+    scope: &str,
+    delivery: &Delivery,
+    report: &mut ProcessReport,
+    handler: &mut impl FnMut(&WriteTransaction<'_>, &Delivery) -> Result<(), E>,
+) -> Result<(), E> {
+    if txn.dedup(scope, delivery.message.id, DEFAULT_DEDUP_TTL_MS)? == Dedup::New {
+        handler(txn, delivery)?;
+        report.handled += 1;
+    } else {
+        report.duplicates += 1;
+    }
+    txn.ack(&delivery.lease)?;
+    Ok(())
 }
 
 impl Consumer {
@@ -179,20 +207,45 @@ impl Consumer {
         timeout: Duration,
         mut handler: impl FnMut(&WriteTransaction<'_>, &Record) -> Result<(), E>,
     ) -> Result<ProcessReport, E> {
+        let records = self.poll(max, timeout)?;
+        let (topic, group) = (self.topic.clone(), self.group.clone());
+        let settle = |txn: &WriteTransaction<'_>,
+                      record: &Record,
+                      report: &mut ProcessReport,
+                      handler: &mut dyn FnMut(&WriteTransaction<'_>, &Record) -> Result<(), E>|
+         -> Result<(), E> {
+            if txn.dedup(&group, record.message.id, DEFAULT_DEDUP_TTL_MS)? == Dedup::New {
+                handler(txn, record)?;
+                report.handled += 1;
+            } else {
+                report.duplicates += 1;
+            }
+            txn.commit_offset(&topic, &group, record.offset + 1)?;
+            Ok(())
+        };
+        // Fast path: the whole batch in one commit; on a failure, one record per commit.
+        let whole = self.db.write(|txn| {
+            let mut report = ProcessReport::default();
+            for record in &records {
+                settle(txn, record, &mut report, &mut handler)?;
+            }
+            Ok::<_, E>(report)
+        });
+        if let Ok(report) = whole {
+            return Ok(report);
+        }
         let mut report = ProcessReport::default();
-        for record in self.poll(max, timeout)? {
-            let result = self.db.write(|txn| {
-                let fresh =
-                    txn.dedup(&self.group, record.message.id, DEFAULT_DEDUP_TTL_MS)? == Dedup::New;
-                if fresh {
-                    handler(txn, &record)?;
-                }
-                txn.commit_offset(&self.topic, &self.group, record.offset + 1)?;
-                Ok::<_, E>(fresh)
+        for record in &records {
+            let one = self.db.write(|txn| {
+                let mut one = ProcessReport::default();
+                settle(txn, record, &mut one, &mut handler)?;
+                Ok::<_, E>(one)
             });
-            match result {
-                Ok(true) => report.handled += 1,
-                Ok(false) => report.duplicates += 1,
+            match one {
+                Ok(one) => {
+                    report.handled += one.handled;
+                    report.duplicates += one.duplicates;
+                }
                 Err(e) => {
                     self.position = record.offset;
                     return Err(e);

@@ -74,8 +74,8 @@ impl WriteTransaction<'_> {
     ///
     /// # Errors
     ///
-    /// The message limits ([`Error::MessageTooLarge`] and the like),
-    /// [`Error::InvalidRoutingKey`] for a destination over 255 bytes.
+    /// The message limits ([`Error::MessageTooLarge`](crate::Error::MessageTooLarge) and the like),
+    /// [`Error::InvalidRoutingKey`](crate::Error::InvalidRoutingKey) for a destination over 255 bytes.
     ///
     /// # Examples
     ///
@@ -130,7 +130,7 @@ impl WriteTransaction<'_> {
     ///
     /// # Errors
     ///
-    /// Storage errors; [`Error::Corrupted`].
+    /// Storage errors; [`Error::Corrupted`](crate::Error::Corrupted).
     pub fn outbox_failed(
         &self,
         sequence: u64,
@@ -199,7 +199,7 @@ impl ReadTransaction {
     ///
     /// # Errors
     ///
-    /// Storage errors, [`Error::Corrupted`].
+    /// Storage errors, [`Error::Corrupted`](crate::Error::Corrupted).
     pub fn outbox_pending(&self, max: usize) -> Result<Vec<OutboxMessage>> {
         let rows = read_rows(&self.table(OUTBOX)?, max)?;
         Ok(rows.into_iter().map(|(s, r)| to_message(s, r)).collect())
@@ -209,7 +209,7 @@ impl ReadTransaction {
     ///
     /// # Errors
     ///
-    /// Storage errors, [`Error::Corrupted`].
+    /// Storage errors, [`Error::Corrupted`](crate::Error::Corrupted).
     pub fn outbox_parked(&self, max: usize) -> Result<Vec<OutboxMessage>> {
         let rows = read_rows(&self.table(OUTBOX_PARKED)?, max)?;
         Ok(rows.into_iter().map(|(s, r)| to_message(s, r)).collect())
@@ -219,7 +219,7 @@ impl ReadTransaction {
     ///
     /// # Errors
     ///
-    /// Storage errors, [`Error::Corrupted`].
+    /// Storage errors, [`Error::Corrupted`](crate::Error::Corrupted).
     pub fn outbox_info(&self) -> Result<OutboxInfo> {
         let table = self.table(OUTBOX)?;
         let head = read_rows(&table, 1)?.pop();

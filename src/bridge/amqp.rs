@@ -49,6 +49,46 @@ impl AmqpSource {
         })
     }
 
+    /// Declares the durable queue `queue` and binds it to `exchange` with `binding_key` (a
+    /// convenience for first runs and demos; an empty exchange skips the binding).
+    ///
+    /// # Errors
+    ///
+    /// When the server is unreachable or refuses.
+    pub fn declare(&mut self, exchange: &str, binding_key: &str) -> Result<(), SourceError> {
+        let (uri, queue) = (self.uri.clone(), self.queue.clone());
+        let (exchange, binding_key) = (exchange.to_owned(), binding_key.to_owned());
+        self.runtime
+            .block_on(async move {
+                let connection = Connection::connect(&uri, ConnectionProperties::default()).await?;
+                let channel = connection.create_channel().await?;
+                let options = lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                };
+                channel
+                    .queue_declare(
+                        ShortString::from(queue.as_str()),
+                        options,
+                        FieldTable::default(),
+                    )
+                    .await?;
+                if !exchange.is_empty() {
+                    channel
+                        .queue_bind(
+                            ShortString::from(queue.as_str()),
+                            ShortString::from(exchange.as_str()),
+                            ShortString::from(binding_key.as_str()),
+                            lapin::options::QueueBindOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await?;
+                }
+                connection.close(0, ShortString::from("declared")).await
+            })
+            .map_err(SourceError::new)
+    }
+
     fn connect(&mut self) -> Result<(), SourceError> {
         if self.consumer.is_some() {
             return Ok(());

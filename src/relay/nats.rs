@@ -97,6 +97,22 @@ impl NatsSink {
     }
 }
 
+impl NatsSink {
+    /// Deletes the stream `name` with its messages; returns whether it existed.
+    ///
+    /// # Errors
+    ///
+    /// When the server is unreachable or refuses.
+    pub fn delete_stream(&mut self, name: &str) -> Result<bool, SinkError> {
+        let context = self.context()?;
+        match self.runtime.block_on(context.delete_stream(name)) {
+            Ok(_) => Ok(true),
+            Err(e) if e.to_string().contains("not found") => Ok(false),
+            Err(e) => Err(SinkError::new(0, e)),
+        }
+    }
+}
+
 fn headers(m: &OutboxMessage) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for (name, value) in &m.message.headers {
