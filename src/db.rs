@@ -14,6 +14,7 @@ use redb::{ReadableDatabase, StorageBackend};
 
 use crate::clock::{Clock, SystemClock};
 use crate::codec;
+use crate::commit::GroupCommit;
 use crate::error::{Error, Result, open_error};
 use crate::schema::{self, FORMAT_VERSION, META, META_FORMAT, META_NEXT_ID};
 use crate::topic::{RETENTION_BATCH, RetentionReport, trim};
@@ -381,6 +382,7 @@ impl Builder {
             shares_file: self.concurrency != redb::ConcurrencyMode::ExclusiveWriter,
             dirty: AtomicBool::new(false),
             flusher: Mutex::new(None),
+            group: GroupCommit::default(),
         });
         shared.clock.subscribe(Waker::from(shared.notifier.clone()));
         if self.durability == Durability::Relaxed {
@@ -490,12 +492,14 @@ pub(crate) struct Shared {
     /// Relaxed commits not yet made durable.
     dirty: AtomicBool,
     flusher: Mutex<Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>>,
+    /// Coalesces concurrent durable writes into one transaction and one fsync.
+    pub(crate) group: GroupCommit,
 }
 
 impl Shared {
-    fn commit(&self, txn: WriteTransaction<'_>, durability: Durability) -> Result<()> {
+    pub(crate) fn commit(&self, txn: WriteTransaction<'_>, durability: Durability) -> Result<()> {
         let published = txn.published();
-        let mut txn = txn.into_inner();
+        let (mut txn, _) = txn.into_inner();
         let relaxed = durability == Durability::Relaxed;
         txn.set_durability(if relaxed {
             redb::Durability::None
@@ -628,8 +632,12 @@ impl Database {
     /// enqueues, acks, offsets, outbox, dedup) commits together; if `f` returns an error,
     /// none of it does and the error is returned.
     ///
-    /// `f` may be run more than once (group commit re-runs a batch without a failed member),
-    /// so it must not have effects outside the transaction; keep slow work outside it.
+    /// Concurrent durable writes are coalesced (group commit): the callers that arrive while a
+    /// commit is in flight share the next transaction and its single fsync, each running its
+    /// own closure on its own thread, in arrival order. If one closure fails, the shared
+    /// transaction is rebuilt without it, so `f` may be run more than once: it must not have
+    /// effects outside the transaction, and slow work belongs outside it. The caller whose
+    /// closure failed gets its own error; the others commit.
     ///
     /// # Errors
     ///
@@ -654,8 +662,11 @@ impl Database {
         F: FnMut(&WriteTransaction<'_>) -> Result<T, E>,
         E: From<Error>,
     {
+        if durability == Durability::Immediate {
+            return self.shared.group.write(&self.shared, &mut f);
+        }
         let redb_txn = self.shared.db.begin_write().map_err(Error::from)?;
-        let txn = WriteTransaction::new(redb_txn, &self.shared);
+        let txn = WriteTransaction::new(redb_txn, self.shared.clone());
         let value = f(&txn)?;
         self.shared.commit(txn, durability)?;
         Ok(value)

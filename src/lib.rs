@@ -13,6 +13,7 @@
 mod bridge;
 mod clock;
 mod codec;
+mod commit;
 mod consumer;
 mod db;
 mod dedup;

@@ -1,5 +1,7 @@
 //! The transactions users see: [`WriteTransaction`] and [`ReadTransaction`].
 
+use std::marker::PhantomData;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use redb::{Key, ReadableTable, TableDefinition, TableHandle, Value};
@@ -22,18 +24,22 @@ use crate::topic::{self, GroupInfo, Record, StartAt, TopicInfo};
 /// commit. Every method takes `&self`, so a user table may stay open while publishing.
 pub struct WriteTransaction<'db> {
     pub(crate) txn: redb::WriteTransaction,
-    pub(crate) shared: &'db Shared,
+    pub(crate) shared: Arc<Shared>,
     now_ms: u64,
     published: AtomicBool,
+    /// Ties the transaction to a borrow of its database in the public signature; group commit
+    /// shares one transaction between threads, so it owns its handle.
+    _database: PhantomData<&'db Shared>,
 }
 
 impl<'db> WriteTransaction<'db> {
-    pub(crate) fn new(txn: redb::WriteTransaction, shared: &'db Shared) -> Self {
+    pub(crate) fn new(txn: redb::WriteTransaction, shared: Arc<Shared>) -> Self {
         WriteTransaction {
             txn,
             now_ms: shared.clock.now_ms(),
             shared,
             published: AtomicBool::new(false),
+            _database: PhantomData,
         }
     }
 
@@ -96,8 +102,8 @@ impl<'db> WriteTransaction<'db> {
         self.next_counter(META_NEXT_ID)
     }
 
-    pub(crate) fn into_inner(self) -> redb::WriteTransaction {
-        self.txn
+    pub(crate) fn into_inner(self) -> (redb::WriteTransaction, Arc<Shared>) {
+        (self.txn, self.shared)
     }
 }
 

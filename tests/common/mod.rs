@@ -54,6 +54,10 @@ struct Disk {
     fail_at: Option<(u64, bool)>,
     /// Writes that would grow the image past this many bytes fail with "disk full".
     quota: Option<u64>,
+    /// Completed syncs.
+    syncs: u64,
+    /// How long a sync takes (a slow disk), in microseconds.
+    sync_latency_us: u64,
 }
 
 /// A `StorageBackend` over an in-memory image that models a disk with a volatile write cache:
@@ -101,6 +105,15 @@ impl SimDisk {
 
     pub fn set_quota(&self, bytes: Option<u64>) {
         self.disk.lock().quota = bytes;
+    }
+
+    pub fn syncs(&self) -> u64 {
+        self.disk.lock().syncs
+    }
+
+    /// Makes every sync take this long, like a real disk's flush.
+    pub fn set_sync_latency_us(&self, us: u64) {
+        self.disk.lock().sync_latency_us = us;
     }
 
     pub fn ops(&self) -> u64 {
@@ -207,9 +220,14 @@ impl StorageBackend for SimDisk {
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {
+        let latency = self.disk.lock().sync_latency_us;
+        if latency > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(latency));
+        }
         let mut d = self.begin()?;
         d.durable = d.live.clone();
         d.pending.clear();
+        d.syncs += 1;
         Ok(())
     }
 

@@ -1,0 +1,234 @@
+//! Group commit: concurrent durable writers share one redb transaction and one fsync.
+//!
+//! Callers queue up while a commit is in flight. The first to arrive with nobody leading
+//! becomes the leader: it opens a transaction and hands it to each waiting caller in turn
+//! (including itself); every caller runs its own closure on its own thread, so closures need
+//! not be `Send`. If a closure fails, the transaction is dropped and rebuilt with the others
+//! (which is why a write closure may run more than once); the caller that failed gets its own
+//! error. Then the leader commits once, tells every member the outcome, and hands leadership
+//! to the first caller that queued meanwhile.
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::db::{Durability, Shared};
+use crate::error::{Error, Result};
+use crate::txn::WriteTransaction;
+
+/// Most callers in one batch; later ones wait for the next commit.
+const MAX_BATCH: usize = 512;
+
+/// Where one caller stands.
+enum Turn {
+    /// Queued.
+    Wait,
+    /// Lead the next batch.
+    Lead,
+    /// Run your closure on this transaction, then report.
+    Run(Arc<WriteTransaction<'static>>),
+    /// Your closure ran; whether it succeeded.
+    Ran(bool),
+    /// Finished: the batch committed (Ok), failed to commit (Err), or dropped you after your
+    /// closure failed (Ok; your own error is yours).
+    Done(Result<()>),
+}
+
+struct Slot {
+    turn: Mutex<Turn>,
+    changed: Condvar,
+}
+
+impl Slot {
+    fn new(turn: Turn) -> Arc<Slot> {
+        Arc::new(Slot {
+            turn: Mutex::new(turn),
+            changed: Condvar::new(),
+        })
+    }
+
+    fn set(&self, turn: Turn) {
+        *self.turn.lock() = turn;
+        self.changed.notify_all();
+    }
+
+    /// Waits until the turn is no longer `Wait` (or, for the leader, `Run`) and takes it.
+    fn take(&self, still: impl Fn(&Turn) -> bool) -> Turn {
+        let mut turn = self.turn.lock();
+        while still(&turn) {
+            self.changed.wait(&mut turn);
+        }
+        std::mem::replace(&mut *turn, Turn::Wait)
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct GroupCommit {
+    queue: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<Arc<Slot>>,
+    leading: bool,
+}
+
+/// A caller's closure with what its last run produced.
+struct Member<'f, T, E, F> {
+    f: &'f mut F,
+    outcome: Option<std::thread::Result<Result<T, E>>>,
+}
+
+impl<T, E, F> Member<'_, T, E, F>
+where
+    F: FnMut(&WriteTransaction<'_>) -> Result<T, E>,
+{
+    /// Runs the closure; returns whether it succeeded.
+    fn run(&mut self, txn: &WriteTransaction<'_>) -> bool {
+        let outcome = catch_unwind(AssertUnwindSafe(|| (self.f)(txn)));
+        let ok = matches!(outcome, Ok(Ok(_)));
+        self.outcome = Some(outcome);
+        ok
+    }
+
+    fn finish(self, committed: Result<()>) -> Result<T, E>
+    where
+        E: From<Error>,
+    {
+        match self.outcome {
+            Some(Err(panic)) => resume_unwind(panic),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Ok(Ok(value))) => committed.map(|()| value).map_err(E::from),
+            None => Err(E::from(committed.err().unwrap_or_else(|| {
+                Error::Storage("group commit finished without running the closure".into())
+            }))),
+        }
+    }
+}
+
+impl GroupCommit {
+    /// Runs `f` in a shared durable transaction and returns once that transaction committed.
+    pub(crate) fn write<T, E, F>(&self, shared: &Arc<Shared>, f: &mut F) -> Result<T, E>
+    where
+        F: FnMut(&WriteTransaction<'_>) -> Result<T, E>,
+        E: From<Error>,
+    {
+        let mut member = Member { f, outcome: None };
+        let slot = Slot::new(Turn::Wait);
+        let lead_now = {
+            let mut queue = self.queue.lock();
+            if queue.leading {
+                queue.waiting.push_back(slot.clone());
+                false
+            } else {
+                queue.leading = true;
+                true
+            }
+        };
+        if !lead_now {
+            loop {
+                match slot.take(|t| matches!(t, Turn::Wait | Turn::Ran(_))) {
+                    Turn::Lead => break,
+                    Turn::Run(txn) => {
+                        let ok = member.run(&txn);
+                        drop(txn);
+                        slot.set(Turn::Ran(ok));
+                    }
+                    Turn::Done(committed) => return member.finish(committed),
+                    Turn::Wait | Turn::Ran(_) => {}
+                }
+            }
+        }
+        let committed = self.lead(shared, &mut member);
+        self.hand_over();
+        member.finish(committed)
+    }
+
+    /// Runs one batch: the leader's closure and those of everyone queued, then one commit.
+    /// Returns the leader's own outcome; the followers get theirs through their slots.
+    fn lead<T, E, F>(&self, shared: &Arc<Shared>, me: &mut Member<'_, T, E, F>) -> Result<()>
+    where
+        F: FnMut(&WriteTransaction<'_>) -> Result<T, E>,
+    {
+        let mut followers: Vec<Arc<Slot>> = {
+            let mut queue = self.queue.lock();
+            let n = queue.waiting.len().min(MAX_BATCH - 1);
+            queue.waiting.drain(..n).collect()
+        };
+        let mut me_alive = true;
+        loop {
+            let txn = match shared.db.begin_write() {
+                Ok(t) => Arc::new(WriteTransaction::new(t, shared.clone())),
+                Err(e) => {
+                    let e = Error::from(e);
+                    for f in &followers {
+                        f.set(Turn::Done(Err(copy_error(&e))));
+                    }
+                    return Err(e);
+                }
+            };
+            let mut failed = false;
+            if me_alive && !me.run(&txn) {
+                me_alive = false;
+                failed = true;
+            }
+            let mut alive = Vec::with_capacity(followers.len());
+            for follower in followers {
+                follower.set(Turn::Run(txn.clone()));
+                match follower.take(|t| !matches!(t, Turn::Ran(_))) {
+                    Turn::Ran(true) => alive.push(follower),
+                    _ => {
+                        failed = true;
+                        follower.set(Turn::Done(Ok(())));
+                    }
+                }
+            }
+            followers = alive;
+            if failed {
+                // Roll back everything this batch did and run the survivors again.
+                drop(txn);
+                if !me_alive && followers.is_empty() {
+                    return Ok(());
+                }
+                continue;
+            }
+            let committed = match Arc::try_unwrap(txn) {
+                Ok(txn) => shared.commit(txn, Durability::Immediate),
+                Err(_) => Err(Error::Storage(
+                    "group commit: transaction still shared".into(),
+                )),
+            };
+            for f in &followers {
+                f.set(Turn::Done(match &committed {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(copy_error(e)),
+                }));
+            }
+            return committed;
+        }
+    }
+
+    /// Passes leadership to the first caller that queued, or ends it.
+    fn hand_over(&self) {
+        let mut queue = self.queue.lock();
+        match queue.waiting.pop_front() {
+            Some(next) => next.set(Turn::Lead),
+            None => queue.leading = false,
+        }
+    }
+}
+
+/// The same error for another member of the batch (errors are not `Clone`: I/O errors keep
+/// their kind and text).
+fn copy_error(e: &Error) -> Error {
+    match e {
+        Error::StorageFull => Error::StorageFull,
+        Error::Io(io) => Error::Io(std::io::Error::new(io.kind(), io.to_string())),
+        Error::Corrupted { location } => Error::Corrupted {
+            location: location.clone(),
+        },
+        other => Error::Storage(other.to_string()),
+    }
+}
