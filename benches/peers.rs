@@ -314,9 +314,8 @@ fn w4_w5(b: &mut Bench, n: u64) -> [f64; 4] {
         let got = db
             .write(|t| {
                 let d = t.receive("q", 1000)?;
-                for x in &d {
-                    t.ack(&x.lease)?;
-                }
+                let leases: Vec<_> = d.iter().map(|x| x.lease.clone()).collect();
+                t.ack_many(&leases)?;
                 Ok::<_, mqlite::Error>(d.len())
             })
             .expect("receive");

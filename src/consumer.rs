@@ -147,11 +147,13 @@ impl Database {
         let deliveries = self.receive(queue, max, timeout)?;
         // Fast path: the whole batch in one commit. If a handler fails, that commit rolls back
         // and the batch is redone one message per commit, so the failure stops at its message.
+        let leases: Vec<_> = deliveries.iter().map(|d| d.lease.clone()).collect();
         let whole = self.write(|txn| {
             let mut report = ProcessReport::default();
             for delivery in &deliveries {
-                settle_delivery(txn, queue, delivery, &mut report, &mut handler)?;
+                run_handler(txn, queue, delivery, &mut report, &mut handler)?;
             }
+            txn.ack_many(&leases)?;
             Ok::<_, E>(report)
         });
         if let Ok(report) = whole {
@@ -181,13 +183,25 @@ fn settle_delivery<E: From<Error>>(
     report: &mut ProcessReport,
     handler: &mut impl FnMut(&WriteTransaction<'_>, &Delivery) -> Result<(), E>,
 ) -> Result<(), E> {
+    run_handler(txn, scope, delivery, report, handler)?;
+    txn.ack(&delivery.lease)?;
+    Ok(())
+}
+
+/// Runs the handler for a delivery unless its id was seen, and records the id.
+fn run_handler<E: From<Error>>(
+    txn: &WriteTransaction<'_>,
+    scope: &str,
+    delivery: &Delivery,
+    report: &mut ProcessReport,
+    handler: &mut impl FnMut(&WriteTransaction<'_>, &Delivery) -> Result<(), E>,
+) -> Result<(), E> {
     if txn.dedup(scope, delivery.message.id, DEFAULT_DEDUP_TTL_MS)? == Dedup::New {
         handler(txn, delivery)?;
         report.handled += 1;
     } else {
         report.duplicates += 1;
     }
-    txn.ack(&delivery.lease)?;
     Ok(())
 }
 

@@ -724,3 +724,28 @@ fn bad_queue_input_is_refused() {
     db.write(|txn| txn.delete_queue("q")).unwrap();
     db.write(|txn| txn.delete_queue("dlq")).unwrap();
 }
+
+#[test]
+fn ack_many_settles_a_batch_or_nothing_when_a_lease_is_stale() {
+    let (db, _) = db_with_clock();
+    queue(&db, "q", QueueConfig::default());
+    for p in ["a", "b", "c"] {
+        enqueue(&db, "q", p);
+    }
+    let d = db.write(|txn| txn.receive("q", 3)).unwrap();
+    let mut leases: Vec<_> = d.iter().map(|d| d.lease.clone()).collect();
+    leases.push(leases[0].clone());
+    let err = db.write(|txn| txn.ack_many(&leases)).unwrap_err();
+    assert!(
+        matches!(err, Error::StaleLease { .. }),
+        "a lease listed twice: {err}"
+    );
+    assert_eq!(
+        db.read(|r| r.queue_info("q")).unwrap().in_flight,
+        3,
+        "nothing applied"
+    );
+    leases.pop();
+    db.write(|txn| txn.ack_many(&leases)).unwrap();
+    assert_eq!(db.read(|r| r.queue_info("q")).unwrap().depth(), 0);
+}
