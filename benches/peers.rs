@@ -399,7 +399,154 @@ fn w4_w5(b: &mut Bench, n: u64) -> [f64; 4] {
     [m4, s4, m5, s5]
 }
 
+/// W6: publish → blocked consumer wake-up latency in microseconds (p50, p99).
+fn w6(b: &mut Bench, durability: mqlite::Durability, rounds: usize) -> (f64, f64) {
+    let name = format!("w6-{durability:?}.mqlite");
+    let db = Database::builder()
+        .durability(durability)
+        .open(b.path(&name))
+        .expect("open");
+    db.write(|t| t.create_topic("t", TopicConfig::default()))
+        .expect("topic");
+    let mut consumer = db
+        .consumer("t", "g", mqlite::StartAt::Latest)
+        .expect("consumer");
+    let base = Instant::now();
+    let reader = std::thread::spawn(move || {
+        let mut latencies = Vec::with_capacity(rounds);
+        while latencies.len() < rounds {
+            for r in consumer.poll(1, Duration::from_secs(10)).expect("poll") {
+                let sent = u64::from_le_bytes(r.message.payload[..8].try_into().expect("8 bytes"));
+                latencies.push(base.elapsed().as_nanos() as u64 - sent);
+            }
+        }
+        latencies
+    });
+    for _ in 0..rounds {
+        // Wait a little so the consumer is blocked when the publish comes.
+        std::thread::sleep(Duration::from_micros(500));
+        let sent = base.elapsed().as_nanos() as u64;
+        let mut payload = sent.to_le_bytes().to_vec();
+        payload.resize(100, 0);
+        db.write(|t| t.publish("t", &Message::new(payload.clone())))
+            .expect("publish");
+    }
+    let mut latencies = reader.join().expect("reader");
+    latencies.sort_unstable();
+    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
+    (pct(0.5), pct(0.99))
+}
+
+/// W7: batched publish rate into a topic holding `stored` messages, and into an empty one.
+fn w7(b: &mut Bench, stored: u64) -> (f64, f64) {
+    let batch: Vec<Message> = (0..1000).map(|_| Message::new(PAYLOAD.to_vec())).collect();
+    let measure = |db: &Database, b: &Bench| {
+        b.rate(|| {
+            db.write(|t| t.publish_batch("full", &batch))
+                .expect("publish");
+        }) * 1000.0
+    };
+    let db = Database::open(b.path("w7-empty.mqlite")).expect("open");
+    db.write(|t| t.create_topic("full", TopicConfig::default()))
+        .expect("topic");
+    let empty = measure(&db, b);
+    drop(db);
+    let db = Database::open(b.path("w7.mqlite")).expect("open");
+    db.write(|t| t.create_topic("full", TopicConfig::default()))
+        .expect("topic");
+    let big: Vec<Message> = (0..10_000)
+        .map(|_| Message::new(PAYLOAD.to_vec()))
+        .collect();
+    for _ in 0..stored / 10_000 {
+        db.write_with(mqlite::Durability::Relaxed, |t| {
+            t.publish_batch("full", &big)
+        })
+        .expect("fill");
+    }
+    db.flush().expect("flush");
+    let full = measure(&db, b);
+    (empty, full)
+}
+
+/// W8 runs in a child process so that its peak RSS is its own: publishes `n` messages with
+/// default settings, 1000 per durable commit, and prints VmHWM in KiB.
+fn w8_child(dir: &Path, n: u64) {
+    let db = Database::open(dir.join("w8.mqlite")).expect("open");
+    db.write(|t| t.create_topic("t", TopicConfig::default()))
+        .expect("topic");
+    let batch: Vec<Message> = (0..1000).map(|_| Message::new(PAYLOAD.to_vec())).collect();
+    for _ in 0..n / 1000 {
+        db.write(|t| t.publish_batch("t", &batch)).expect("publish");
+    }
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM");
+    println!("W8-KIB {hwm}");
+}
+
+fn w8(b: &mut Bench, n: u64) -> f64 {
+    let _ = std::fs::remove_file(b.dir.join("w8.mqlite"));
+    let out = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args(["--w8-child", &n.to_string(), &b.dir.display().to_string()])
+        .output()
+        .expect("child");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let kib: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("W8-KIB "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN);
+    kib / 1024.0
+}
+
+/// W9: file size after a steady produce/consume churn on a queue holding about 10 000
+/// messages, against the live data; measured at half time and at the end.
+fn w9(b: &mut Bench, cycles: u32) -> (f64, f64, f64) {
+    let path = b.path("w9.mqlite");
+    let db = Database::open(&path).expect("open");
+    db.write(|t| t.create_queue("q", QueueConfig::default()))
+        .expect("queue");
+    let fill = |db: &Database| {
+        db.write(|t| {
+            for _ in 0..1000 {
+                t.enqueue("q", &Message::new(PAYLOAD.to_vec()))?;
+            }
+            Ok::<_, mqlite::Error>(())
+        })
+        .expect("enqueue");
+    };
+    for _ in 0..10 {
+        fill(&db);
+    }
+    let size = || std::fs::metadata(&path).expect("size").len() as f64 / (1 << 20) as f64;
+    let mut half = 0.0;
+    for c in 0..cycles {
+        fill(&db);
+        db.write(|t| {
+            let d = t.receive("q", 1000)?;
+            let leases: Vec<_> = d.iter().map(|x| x.lease.clone()).collect();
+            t.ack_many(&leases)
+        })
+        .expect("consume");
+        if c == cycles / 2 {
+            half = size();
+        }
+    }
+    let live =
+        db.read(|r| r.queue_info("q")).expect("info").depth() as f64 * 100.0 / (1 << 20) as f64;
+    (live, half, size())
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--w8-child") {
+        let n = args[i + 1].parse().expect("count");
+        w8_child(Path::new(&args[i + 2]), n);
+        return;
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/tmp");
     std::fs::create_dir_all(&dir).expect("bench dir");
@@ -416,6 +563,48 @@ fn main() {
     let [m1, _r1, _s1, m3, _r3, s3] = w1_w3(&mut b);
     let (m2, s2) = w2(&mut b);
     let [m4, s4, m5, s5] = w4_w5(&mut b, if quick { 50_000 } else { 200_000 });
+    let rounds = if quick { 100 } else { 300 };
+    let (d50, d99) = w6(&mut b, mqlite::Durability::Immediate, rounds);
+    let (r50, r99) = w6(&mut b, mqlite::Durability::Relaxed, rounds);
+    b.push("W6", "mqlite", d50, "us", "wake-up p50, durable publish");
+    b.push("W6", "mqlite", d99, "us", "wake-up p99, durable publish");
+    b.push("W6", "mqlite", r50, "us", "wake-up p50, relaxed publish");
+    b.push("W6", "mqlite", r99, "us", "wake-up p99, relaxed publish");
+    b.push("W6", "fsync", 1e6 / fsync1, "us", "one append + fdatasync");
+    let stored = if quick { 1_000_000 } else { 10_000_000 };
+    let (empty, full) = w7(&mut b, stored);
+    b.push(
+        "W7",
+        "mqlite",
+        empty,
+        "msg/s",
+        "1000 per commit, empty topic",
+    );
+    b.push(
+        "W7",
+        "mqlite",
+        full,
+        "msg/s",
+        &format!("1000 per commit, {stored} stored"),
+    );
+    let rss = w8(&mut b, stored);
+    b.push(
+        "W8",
+        "mqlite",
+        rss,
+        "MiB",
+        &format!("peak RSS publishing {stored}, default settings"),
+    );
+    let (live, half, end) = w9(&mut b, if quick { 300 } else { 2_000 });
+    b.push(
+        "W9",
+        "mqlite",
+        live,
+        "MiB",
+        "live payload bytes in the queue",
+    );
+    b.push("W9", "mqlite", half, "MiB", "file size at half time");
+    b.push("W9", "mqlite", end, "MiB", "file size at the end");
     let ratios = [
         ("W1", "mqlite / fsync", m1 / fsync1, 0.8),
         ("W2", "mqlite W2 / W1", m2 / m1, 20.0),
@@ -424,6 +613,21 @@ fn main() {
         ("W3", "mqlite / raw disk", m3 / fsync1000, 0.5),
         ("W4", "mqlite / sqlite", m4 / s4, 1.5),
         ("W5", "mqlite / sqlite", m5 / s5, 1.0),
+        (
+            "W6",
+            "fsync us / durable p50 us",
+            (1e6 / fsync1) * 1.5 / d50,
+            1.0,
+        ),
+        ("W6", "1000 us / relaxed p99 us", 1000.0 / r99, 1.0),
+        ("W7", "full / empty", full / empty, 0.85),
+        ("W8", "64 MiB / peak RSS", 64.0 / rss, 1.0),
+        (
+            "W9",
+            "(2 x live + 4 MiB) / file",
+            (2.0 * live + 4.0) / end,
+            1.0,
+        ),
     ];
     println!("\nratios (target in brackets):");
     for (w, what, r, target) in ratios {

@@ -33,6 +33,7 @@ pub(crate) enum Kind {
     QueueEntry = 4,
     Binding = 5,
     Outbox = 6,
+    Batch = 7,
 }
 
 const LAYOUT_VERSION: u8 = 1;
@@ -282,6 +283,45 @@ pub(crate) fn read_message(r: &mut Reader<'_>) -> Result<Message> {
         payload,
         timestamp_ms,
     })
+}
+
+/// Encodes consecutive topic messages into one envelope of kind `Batch` (a record batch):
+/// a u32 count, then each message body.
+pub(crate) fn encode_batch<'m>(
+    messages: impl ExactSizeIterator<Item = &'m Message> + Clone,
+) -> Vec<u8> {
+    let size: u64 = messages.clone().map(|m| m.size_bytes() + 48).sum();
+    let mut w = Writer::new(Kind::Batch, usize::try_from(size).unwrap_or(0) + 4);
+    w.u32(messages.len() as u32);
+    for m in messages {
+        write_message(&mut w, m);
+    }
+    w.finish()
+}
+
+/// Decodes a record batch.
+pub(crate) fn decode_batch(bytes: &[u8], what: &'static str) -> Result<Vec<Message>> {
+    let mut r = Reader::open(bytes, Kind::Batch, what)?;
+    let count = r.u32()?;
+    // Every message body takes at least 45 bytes.
+    if count as usize > r.remaining() / 45 + 1 {
+        return Err(Error::corrupted(format!("{what}: batch count {count}")));
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        out.push(read_message(&mut r)?);
+    }
+    r.finish()?;
+    if out.is_empty() {
+        return Err(Error::corrupted(format!("{what}: empty batch")));
+    }
+    Ok(out)
+}
+
+/// The number of messages in a record batch, checksum verified.
+pub(crate) fn batch_len(bytes: &[u8], what: &'static str) -> Result<u64> {
+    let mut r = Reader::open(bytes, Kind::Batch, what)?;
+    Ok(u64::from(r.u32()?))
 }
 
 /// Decodes an envelope of kind `Message`.

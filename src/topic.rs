@@ -186,14 +186,27 @@ pub(crate) fn read_records(
     if max == 0 || start >= topic.next_offset {
         return Ok(out);
     }
-    for entry in log
-        .range((topic.id, start)..(topic.id, topic.next_offset))?
-        .take(max)
-    {
+    // The batch holding `start` begins at the last key at or before it.
+    let first_key = match log.range((topic.id, 0)..=(topic.id, start))?.next_back() {
+        Some(entry) => entry?.0.value().1,
+        None => start,
+    };
+    for entry in log.range((topic.id, first_key)..(topic.id, topic.next_offset))? {
         let (key, value) = entry?;
-        let offset = key.value().1;
-        let message = codec::decode_message(value.value(), "topic log")?;
-        out.push(Record { offset, message });
+        let base = key.value().1;
+        for (i, message) in codec::decode_batch(value.value(), "topic log")?
+            .into_iter()
+            .enumerate()
+        {
+            let offset = base + i as u64;
+            if offset < start {
+                continue;
+            }
+            if offset >= topic.next_offset || out.len() == max {
+                return Ok(out);
+            }
+            out.push(Record { offset, message });
+        }
     }
     Ok(out)
 }
@@ -358,10 +371,13 @@ impl WriteTransaction<'_> {
         let router = routing::Router::load(self, record.id)?;
         if record.config.retention.keeps_log() {
             let mut log = self.table(LOG)?;
-            for (i, message) in messages.iter().enumerate() {
-                let bytes = encode_stamped(message, now);
+            let mut base = start;
+            for chunk in record_batches(messages) {
+                let stamped: Vec<_> = chunk.iter().map(|m| stamped(m, now)).collect();
+                let bytes = codec::encode_batch(stamped.iter().map(|m| m.as_ref()));
                 record.stored_bytes += bytes.len() as u64;
-                log.insert((record.id, start + i as u64), bytes.as_slice())?;
+                log.insert((record.id, base), bytes.as_slice())?;
+                base += chunk.len() as u64;
             }
             let mut time = self.table(LOG_TIME)?;
             if !messages.is_empty() && time.get((record.id, append_ms))?.is_none() {
@@ -441,8 +457,28 @@ fn stamped(message: &Message, now_ms: u64) -> std::borrow::Cow<'_, Message> {
     }
 }
 
-fn encode_stamped(message: &Message, now_ms: u64) -> Vec<u8> {
-    codec::encode_message(&stamped(message, now_ms))
+/// Most messages in one record batch.
+const BATCH_MESSAGES: usize = 128;
+/// A record batch closes once its messages reach this many bytes.
+const BATCH_BYTES: u64 = 16 << 10;
+
+/// Splits a publish into record batches: up to 128 messages, or 16 KiB of message bytes.
+fn record_batches(messages: &[Message]) -> impl Iterator<Item = &[Message]> {
+    let mut rest = messages;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut n = 0;
+        while n < rest.len() && n < BATCH_MESSAGES && (n == 0 || bytes < BATCH_BYTES) {
+            bytes += rest[n].size_bytes();
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
 }
 
 /// Removes up to `budget` of the oldest records that retention no longer allows; returns how
@@ -497,13 +533,31 @@ pub(crate) fn trim(
         if record.first_offset >= keep_from && !over_bytes {
             break;
         }
-        if let Some(value) = log.remove((record.id, record.first_offset))? {
-            record.stored_bytes = record
-                .stored_bytes
-                .saturating_sub(value.value().len() as u64);
+        // The batch holding the first offset; whole batches go, and the first offset may
+        // stop inside one (its older messages are then skipped by reads).
+        let (base, size, count) = match log
+            .range((record.id, 0)..=(record.id, record.first_offset))?
+            .next_back()
+        {
+            Some(entry) => {
+                let (key, value) = entry?;
+                let bytes = value.value();
+                (
+                    key.value().1,
+                    bytes.len() as u64,
+                    codec::batch_len(bytes, "topic log")?,
+                )
+            }
+            None => return Err(Error::corrupted("topic log: no batch at the first offset")),
+        };
+        let end = base + count;
+        let target = if over_bytes { end } else { end.min(keep_from) };
+        if target >= end {
+            log.remove((record.id, base))?;
+            record.stored_bytes = record.stored_bytes.saturating_sub(size);
         }
-        record.first_offset += 1;
-        removed += 1;
+        removed += target - record.first_offset;
+        record.first_offset = target.min(record.next_offset);
     }
     drop_time_entries_before(&mut time, record)?;
     Ok(removed)

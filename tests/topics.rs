@@ -671,3 +671,60 @@ fn a_snapshot_does_not_block_writers_and_does_not_see_later_commits() {
     assert_eq!(snapshot.topic_info("t").unwrap().next_offset, 0);
     assert_eq!(db.read(|r| r.topic_info("t")).unwrap().next_offset, 10);
 }
+
+#[test]
+fn retention_and_reads_work_inside_record_batches() {
+    let db = Database::in_memory().unwrap();
+    topic(
+        &db,
+        "t",
+        Retention {
+            max_messages: Some(250),
+            ..Default::default()
+        },
+    );
+    let batch: Vec<Message> = (0..300u32)
+        .map(|i| Message::new(i.to_le_bytes().to_vec()))
+        .collect();
+    db.write(|txn| txn.publish_batch("t", &batch)).unwrap();
+    let info = db.read(|r| r.topic_info("t")).unwrap();
+    assert_eq!(
+        (info.first_offset, info.next_offset),
+        (50, 300),
+        "stops inside a batch"
+    );
+    for from in [0, 49, 50, 127, 128, 129, 255, 256, 299] {
+        let got = db.read(|r| r.read_topic("t", from, 3)).unwrap();
+        let want: Vec<u64> = (from.max(50)..300).take(3).collect();
+        assert_eq!(
+            got.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            want,
+            "from {from}"
+        );
+        for r in &got {
+            assert_eq!(r.message.payload, (r.offset as u32).to_le_bytes());
+        }
+    }
+    // A byte bound drops whole batches, oldest first.
+    db.write(|txn| {
+        txn.configure_topic(
+            "t",
+            TopicConfig::default().retention(Retention {
+                max_bytes: Some(4_000),
+                ..Default::default()
+            }),
+        )
+    })
+    .unwrap();
+    db.enforce_retention().unwrap();
+    let info = db.read(|r| r.topic_info("t")).unwrap();
+    assert!(info.stored_bytes <= 4_000, "{info:?}");
+    assert!(
+        info.first_offset > 50 && info.first_offset < 300,
+        "{info:?}"
+    );
+    assert_eq!(
+        db.read(|r| r.read_topic("t", 0, 1)).unwrap()[0].offset,
+        info.first_offset
+    );
+}
