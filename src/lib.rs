@@ -27,6 +27,7 @@ mod routing;
 mod schema;
 mod topic;
 mod txn;
+mod worker;
 
 /// The redb version mqlite is built on, for the application's own tables.
 pub use redb;
@@ -66,6 +67,7 @@ pub use relay::{
 pub use routing::{Binding, BindingInfo, HeaderMatch, MAX_ROUTING_KEY_BYTES, pattern_matches};
 pub use topic::{GroupInfo, Record, Retention, RetentionReport, StartAt, TopicConfig, TopicInfo};
 pub use txn::{ReadTransaction, WriteTransaction};
+pub use worker::WorkerHandle;
 
 #[doc(hidden)]
 pub use codec::{fuzz_decode_message, fuzz_encode_message};

@@ -54,7 +54,9 @@ pub struct QueueConfig {
     /// Default 20 (as RabbitMQ 4 quorum queues); 1 to [`MAX_DELIVERIES_LIMIT`].
     pub max_deliveries: u32,
     /// The queue that receives dead-lettered messages. `None` (the default): they are dropped,
-    /// as RabbitMQ does without a dead-letter exchange.
+    /// as RabbitMQ does without a dead-letter exchange. If that queue is full and rejects
+    /// publishes ([`Overflow::RejectPublish`]), the operation that dead-letters (a receive, a
+    /// nack, an enqueue that overflows) fails with [`Error::QueueFull`] and changes nothing.
     pub dead_letter: Option<String>,
     /// Most messages ready or delayed at once. `None` (the default): unbounded.
     pub max_length: Option<u64>,

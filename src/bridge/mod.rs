@@ -8,8 +8,6 @@
 //! MQTT user property `mqlite-id`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -18,6 +16,7 @@ use crate::db::Database;
 use crate::dedup::{DEFAULT_DEDUP_TTL_MS, Dedup};
 use crate::error::{Error, Result};
 use crate::message::Message;
+use crate::worker::WorkerHandle;
 
 #[cfg(feature = "amqp")]
 mod amqp;
@@ -188,59 +187,18 @@ impl<S: Source> Bridge<S> {
     where
         S: 'static,
     {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
         let stats = self.stats.clone();
-        let thread = std::thread::Builder::new()
-            .name("mqlite-bridge".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Acquire) {
-                    if let Err(e) = self.run_once(Duration::from_millis(100)) {
-                        self.stats.lock().last_error = Some(e.to_string());
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            })?;
-        Ok(BridgeHandle {
-            stop,
-            stats,
-            thread: Some(thread),
+        WorkerHandle::spawn("mqlite-bridge", stats, move || {
+            if let Err(e) = self.run_once(Duration::from_millis(100)) {
+                self.stats.lock().last_error = Some(e.to_string());
+                std::thread::sleep(Duration::from_millis(100));
+            }
         })
     }
 }
 
-/// A bridge running on its own thread; dropping it stops and joins the thread.
-#[derive(Debug)]
-pub struct BridgeHandle {
-    stop: Arc<AtomicBool>,
-    stats: Arc<Mutex<BridgeStats>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl BridgeHandle {
-    /// The bridge's counters.
-    pub fn stats(&self) -> BridgeStats {
-        self.stats.lock().clone()
-    }
-
-    /// Stops the bridge after its current step and waits for the thread.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for BridgeHandle {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
+/// A bridge running on its own thread; see [`WorkerHandle`].
+pub type BridgeHandle = WorkerHandle<BridgeStats>;
 
 /// Parses an id sent by mqlite's sinks (32 hex digits), or derives a stable one from `fallback`
 /// (something the broker keeps across redeliveries, like a stream sequence).

@@ -10,8 +10,6 @@ use std::collections::hash_map::RandomState;
 use std::fmt::Display;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -20,6 +18,7 @@ use crate::db::Database;
 use crate::dedup::{DEFAULT_DEDUP_TTL_MS, Dedup};
 use crate::error::{Error, Result};
 use crate::outbox::OutboxMessage;
+use crate::worker::WorkerHandle;
 
 #[cfg(feature = "amqp")]
 mod amqp;
@@ -331,67 +330,24 @@ impl<S: Sink> Relay<S> {
     where
         S: 'static,
     {
-        let stop = Arc::new(AtomicBool::new(false));
         let stats = self.stats.clone();
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("mqlite-relay".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Acquire) {
-                    let seen = self.db.commit_generation();
-                    let wait_ms = match self.run_once() {
-                        Ok(step) if step.sent > 0 && step.failure.is_none() => continue,
-                        Ok(step) => step
-                            .waiting_until_ms
-                            .map_or(50, |at| at.saturating_sub(self.db.now_ms()).min(50)),
-                        Err(e) => {
-                            self.stats.lock().last_error = Some(e.to_string());
-                            50
-                        }
-                    };
-                    self.db
-                        .wait_for_commit(seen, Duration::from_millis(wait_ms.max(1)));
+        WorkerHandle::spawn("mqlite-relay", stats, move || {
+            let seen = self.db.commit_generation();
+            let wait_ms = match self.run_once() {
+                Ok(step) if step.sent > 0 && step.failure.is_none() => return,
+                Ok(step) => step
+                    .waiting_until_ms
+                    .map_or(50, |at| at.saturating_sub(self.db.now_ms()).min(50)),
+                Err(e) => {
+                    self.stats.lock().last_error = Some(e.to_string());
+                    50
                 }
-            })?;
-        Ok(RelayHandle {
-            stop,
-            stats,
-            thread: Some(thread),
+            };
+            self.db
+                .wait_for_commit(seen, Duration::from_millis(wait_ms.max(1)));
         })
     }
 }
 
-/// A relay running on its own thread. Dropping it stops and joins the thread; rows not yet
-/// relayed stay in the outbox for the next relay.
-#[derive(Debug)]
-pub struct RelayHandle {
-    stop: Arc<AtomicBool>,
-    stats: Arc<Mutex<RelayStats>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl RelayHandle {
-    /// The relay's counters.
-    pub fn stats(&self) -> RelayStats {
-        self.stats.lock().clone()
-    }
-
-    /// Stops the relay after its current step and waits for the thread.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(thread) = self.thread.take() {
-            // A panic in the relay thread has already been reported by the panic hook.
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for RelayHandle {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
+/// A relay running on its own thread; see [`WorkerHandle`].
+pub type RelayHandle = WorkerHandle<RelayStats>;
