@@ -639,6 +639,10 @@ impl Database {
     /// effects outside the transaction, and slow work belongs outside it. The caller whose
     /// closure failed gets its own error; the others commit.
     ///
+    /// `f` must not call `write`, `receive`, `consumer` or a consumer's `commit` on the same
+    /// database: those need the write transaction that `f` is holding, and would wait forever.
+    /// Use the transaction's own methods (`txn.receive`, `txn.commit_offset`) instead.
+    ///
     /// # Errors
     ///
     /// `f`'s own error, or an [`Error`] from beginning or committing: [`Error::StorageFull`],

@@ -45,7 +45,6 @@ impl<S: Clone> WorkerHandle<S> {
     pub fn stats(&self) -> S {
         self.stats.lock().clone()
     }
-
 }
 
 impl<S> WorkerHandle<S> {
