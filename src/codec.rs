@@ -470,15 +470,33 @@ pub(crate) fn decode_queue(bytes: &[u8]) -> Result<QueueRecord> {
     Ok(record)
 }
 
-/// Where a queue entry stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum EntryState {
-    /// Listed in the ready index.
+/// Where a message held by a queue stands: in exactly one of these states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EntryState {
+    /// Ready to be received.
     Ready,
-    /// Waiting for `due_ms`, listed in the timers.
+    /// Waiting for its delay to run out (at `due_ms`).
     Delayed,
-    /// Leased until `due_ms`, listed in the timers.
+    /// Leased to a consumer until `due_ms`, then ready again.
     InFlight,
+}
+
+impl EntryState {
+    /// The state's name: `ready`, `delayed` or `in_flight`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryState::Ready => "ready",
+            EntryState::Delayed => "delayed",
+            EntryState::InFlight => "in_flight",
+        }
+    }
+
+    /// The state named by [`EntryState::as_str`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        [EntryState::Ready, EntryState::Delayed, EntryState::InFlight]
+            .into_iter()
+            .find(|s| s.as_str() == name)
+    }
 }
 
 /// One message in a queue with its delivery state.

@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -200,6 +201,16 @@ impl GroupCommit {
                     "group commit: transaction still shared".into(),
                 )),
             };
+            let writers = followers.len() as u64 + u64::from(me_alive);
+            match &committed {
+                Ok(()) => {
+                    shared.counters.writes.fetch_add(writers, Ordering::Relaxed);
+                    tracing::trace!(target: "mqlite::commit", writers, "group commit");
+                }
+                Err(e) => {
+                    tracing::warn!(target: "mqlite::commit", writers, error = %e, "group commit failed")
+                }
+            }
             for f in &followers {
                 f.set(Turn::Done(match &committed {
                     Ok(()) => Ok(()),

@@ -16,6 +16,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::codec;
 use crate::commit::GroupCommit;
 use crate::error::{Error, Result, open_error};
+use crate::inspect::Counters;
 use crate::schema::{self, FORMAT_VERSION, META, META_FORMAT, META_NEXT_ID};
 use crate::topic::{RETENTION_BATCH, RetentionReport, trim};
 use crate::txn::{ReadTransaction, WriteTransaction};
@@ -196,14 +197,14 @@ impl Builder {
         self
     }
 
-    fn redb_builder(&self) -> redb::Builder {
+    pub(crate) fn redb_builder(&self) -> redb::Builder {
         let mut b = redb::Database::builder();
         b.set_cache_size(self.cache_size_bytes);
         b.set_concurrency_mode(self.concurrency);
         b
     }
 
-    fn check(&self) -> Result<()> {
+    fn check_config(&self) -> Result<()> {
         if self.durability == Durability::Relaxed
             && self.concurrency != redb::ConcurrencyMode::ExclusiveWriter
         {
@@ -238,7 +239,7 @@ impl Builder {
     /// another handle holds it in a conflicting mode; none of them modifies the file.
     /// [`Error::Io`] and storage errors.
     pub fn open(&self, path: impl AsRef<Path>) -> Result<Database> {
-        self.check()?;
+        self.check_config()?;
         let path = path.as_ref();
         let needs_create = match fs::metadata(path) {
             Ok(meta) => meta.len() == 0,
@@ -272,7 +273,7 @@ impl Builder {
     ///
     /// As [`Builder::open`].
     pub fn open_backend(&self, backend: impl StorageBackend) -> Result<Database> {
-        self.check()?;
+        self.check_config()?;
         let db = self
             .redb_builder()
             .create_with_backend(backend)
@@ -383,6 +384,8 @@ impl Builder {
             dirty: AtomicBool::new(false),
             flusher: Mutex::new(None),
             group: GroupCommit::default(),
+            counters: Counters::default(),
+            opened: Instant::now(),
         });
         shared.clock.subscribe(Waker::from(shared.notifier.clone()));
         if self.durability == Durability::Relaxed {
@@ -417,7 +420,7 @@ fn init_schema(db: &redb::Database) -> Result<()> {
     Ok(())
 }
 
-fn check_format(txn: &redb::ReadTransaction, path: Option<&Path>) -> Result<()> {
+pub(crate) fn check_format(txn: &redb::ReadTransaction, path: Option<&Path>) -> Result<()> {
     let not_ours = |reason: &str| Error::NotMqliteFile {
         path: path.map_or_else(|| PathBuf::from("<backend>"), Path::to_path_buf),
         reason: reason.to_owned(),
@@ -494,6 +497,9 @@ pub(crate) struct Shared {
     flusher: Mutex<Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>>,
     /// Coalesces concurrent durable writes into one transaction and one fsync.
     pub(crate) group: GroupCommit,
+    /// Commit counters for [`Database::metrics`].
+    pub(crate) counters: Counters,
+    pub(crate) opened: Instant,
 }
 
 impl Shared {
@@ -507,9 +513,11 @@ impl Shared {
             redb::Durability::Immediate
         })?;
         txn.commit()?;
+        self.counters.commits.fetch_add(1, Ordering::Relaxed);
         if relaxed {
             self.dirty.store(true, Ordering::Release);
         } else {
+            self.counters.syncs.fetch_add(1, Ordering::Relaxed);
             self.dirty.store(false, Ordering::Release);
         }
         if published {
@@ -524,6 +532,8 @@ impl Shared {
         let mut txn = txn;
         txn.set_durability(redb::Durability::Immediate)?;
         txn.commit()?;
+        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(target: "mqlite::commit", "flushed relaxed commits");
         Ok(())
     }
 }
@@ -673,6 +683,20 @@ impl Database {
         let txn = WriteTransaction::new(redb_txn, self.shared.clone());
         let value = f(&txn)?;
         self.shared.commit(txn, durability)?;
+        self.shared.counters.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(value)
+    }
+
+    /// Runs `f` once in a transaction of its own, outside group commit (which may run a
+    /// closure twice), and commits it durably. For work that consumes its input as it goes.
+    pub(crate) fn write_alone<T>(
+        &self,
+        f: impl FnOnce(&WriteTransaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let txn = WriteTransaction::new(self.shared.db.begin_write()?, self.shared.clone());
+        let value = f(&txn)?;
+        self.shared.commit(txn, Durability::Immediate)?;
+        self.shared.counters.writes.fetch_add(1, Ordering::Relaxed);
         Ok(value)
     }
 
@@ -740,6 +764,9 @@ impl Database {
                 })?;
                 report.transactions += 1;
                 report.removed += removed;
+                if removed > 0 {
+                    tracing::debug!(target: "mqlite::retention", topic = %name, removed, "retention removed messages");
+                }
                 if removed < RETENTION_BATCH {
                     break;
                 }

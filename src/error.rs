@@ -163,6 +163,14 @@ pub enum Error {
     /// An I/O error from the file system.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
+    /// An [import](crate::Database::import) refused its input; nothing was imported.
+    #[error("import line {line}: {reason}")]
+    Import {
+        /// The line (from 1; 0 for the database itself).
+        line: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Any other error from the storage engine.
     #[error("storage error: {0}")]
     Storage(String),

@@ -17,7 +17,9 @@ mod commit;
 mod consumer;
 mod db;
 mod dedup;
+mod dump;
 mod error;
+mod inspect;
 mod message;
 mod names;
 mod outbox;
@@ -42,16 +44,21 @@ pub use bridge::{
     Bridge, BridgeHandle, BridgeStats, BridgeStep, BridgeTarget, Source, SourceError,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use codec::EntryState;
 pub use consumer::{Consumer, ProcessReport};
 pub use db::{Builder, CreateStep, Database, Durability, Limits};
 pub use dedup::{DEFAULT_DEDUP_TTL_MS, Dedup};
+pub use dump::DumpReport;
 pub use error::{Error, Result};
+pub use inspect::{
+    CheckReport, CommitMetrics, CompactReport, Metrics, ReadOnlyDatabase, TopicMetrics,
+};
 pub use message::{Message, MessageId};
 pub use names::MAX_NAME_BYTES;
 pub use outbox::{OutboxInfo, OutboxMessage};
 pub use queue::{
     Death, DeathReason, Delivery, EnqueueOptions, Lease, MAX_DELIVERIES_LIMIT, MAX_LEASE_MS,
-    MAX_PRIORITY, Nack, Overflow, QueueConfig, QueueInfo,
+    MAX_PRIORITY, Nack, Overflow, QueueConfig, QueueInfo, QueuedMessage,
 };
 #[cfg(feature = "amqp")]
 pub use relay::AmqpSink;

@@ -11,7 +11,7 @@ use crate::codec::{self, EntryState, QueueEntry, QueueRecord};
 use crate::error::{Error, Result};
 use crate::message::{Message, check_message};
 use crate::schema::{QUEUE_ENTRIES, QUEUE_READY, QUEUE_TIMERS, QUEUES, priority_rank};
-use crate::txn::WriteTransaction;
+use crate::txn::{ReadTransaction, WriteTransaction};
 use crate::{names, routing};
 
 /// The highest priority; priorities run from 0 (the default) to this, higher first.
@@ -208,6 +208,18 @@ impl DeathReason {
             DeathReason::MaxLength => "maxlen",
             DeathReason::DeliveryLimit => "delivery_limit",
         }
+    }
+
+    /// The reason named by [`DeathReason::as_str`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            DeathReason::Rejected,
+            DeathReason::Expired,
+            DeathReason::MaxLength,
+            DeathReason::DeliveryLimit,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == name)
     }
 }
 
@@ -1043,4 +1055,158 @@ pub(crate) fn next_due_ms(
             None => None,
         },
     )
+}
+
+/// A message held by a queue, with its delivery state, as
+/// [`ReadTransaction::browse_queue`] shows it without leasing it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuedMessage {
+    /// Its sequence number in the queue (enqueue order).
+    pub sequence: u64,
+    /// Ready, delayed or in flight.
+    pub state: EntryState,
+    /// Its priority.
+    pub priority: u8,
+    /// How many times it has been handed out.
+    pub delivery_count: u32,
+    /// When a delay or a lease runs out (clock milliseconds); for a ready message, when it
+    /// became ready.
+    pub due_ms: u64,
+    /// When it was enqueued (clock milliseconds).
+    pub enqueued_ms: u64,
+    /// When its time-to-live runs out, if the queue sets one.
+    pub expires_ms: Option<u64>,
+    /// Its dead-letter history, oldest first.
+    pub deaths: Vec<Death>,
+    /// The message.
+    pub message: Message,
+}
+
+impl QueuedMessage {
+    fn from_entry(sequence: u64, e: QueueEntry) -> Self {
+        QueuedMessage {
+            sequence,
+            state: e.state,
+            priority: e.priority,
+            delivery_count: e.delivery_count,
+            due_ms: e.due_ms,
+            enqueued_ms: e.enqueued_ms,
+            expires_ms: e.expires_ms,
+            deaths: e.deaths,
+            message: e.message,
+        }
+    }
+
+    fn into_entry(self) -> QueueEntry {
+        QueueEntry {
+            message: self.message,
+            state: self.state,
+            priority: self.priority,
+            delivery_count: self.delivery_count,
+            due_ms: self.due_ms,
+            enqueued_ms: self.enqueued_ms,
+            expires_ms: self.expires_ms,
+            deaths: self.deaths,
+        }
+    }
+}
+
+impl ReadTransaction {
+    /// Up to `max` messages a queue holds, in sequence order from `from_sequence` on, in any
+    /// state, without leasing them (RabbitMQ's "get messages" in the management UI, without
+    /// the requeue). Use it to inspect a dead-letter queue.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownQueue`], [`Error::Corrupted`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use mqlite::{EntryState, Message, QueueConfig};
+    /// let db = mqlite::Database::in_memory()?;
+    /// db.write(|txn| {
+    ///     txn.create_queue("jobs", QueueConfig::default())?;
+    ///     txn.enqueue("jobs", &Message::new("a"))
+    /// })?;
+    /// let held = db.read(|r| r.browse_queue("jobs", 0, 10))?;
+    /// assert_eq!(held[0].state, EntryState::Ready);
+    /// assert_eq!(held[0].message.payload, b"a");
+    /// # Ok::<(), mqlite::Error>(())
+    /// ```
+    pub fn browse_queue(
+        &self,
+        queue: &str,
+        from_sequence: u64,
+        max: usize,
+    ) -> Result<Vec<QueuedMessage>> {
+        let record = load(&self.table(QUEUES)?, queue)?;
+        let entries = self.table(QUEUE_ENTRIES)?;
+        let mut out = Vec::new();
+        for entry in entries
+            .range((record.id, from_sequence)..=(record.id, u64::MAX))?
+            .take(max)
+        {
+            let (key, value) = entry?;
+            out.push(QueuedMessage::from_entry(
+                key.value().1,
+                codec::decode_entry(value.value())?,
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// Sets a freshly created queue's counters for an import.
+pub(crate) fn restore_counters(
+    txn: &WriteTransaction<'_>,
+    queue: &str,
+    next_sequence: u64,
+    dead_lettered: u64,
+) -> Result<()> {
+    let mut queues = txn.table(QUEUES)?;
+    let mut record = load(&queues, queue)?;
+    record.next_seq = next_sequence;
+    record.dead_lettered = dead_lettered;
+    queues.insert(queue, codec::encode_queue(&record).as_slice())?;
+    Ok(())
+}
+
+/// Stores imported messages in their states, below the queue's next sequence and each
+/// after the last one stored.
+pub(crate) fn restore_entries(
+    txn: &WriteTransaction<'_>,
+    queue: &str,
+    messages: Vec<QueuedMessage>,
+) -> Result<()> {
+    let limits = txn.shared.limits;
+    let mut op = QueueOp::open(txn, queue)?;
+    let mut floor = match op
+        .entries
+        .range((op.id(), 0)..=(op.id(), u64::MAX))?
+        .next_back()
+    {
+        Some(entry) => entry?.0.value().1 + 1,
+        None => 0,
+    };
+    for m in messages {
+        check_message(&m.message, &limits)?;
+        if m.sequence < floor || m.sequence >= op.record.next_seq {
+            return Err(Error::InvalidConfig(format!(
+                "queue {queue:?}: sequence {} out of order or past the next sequence {}",
+                m.sequence, op.record.next_seq
+            )));
+        }
+        if m.priority > MAX_PRIORITY {
+            return Err(Error::LimitExceeded {
+                limit: "priority",
+                value: u64::from(m.priority),
+                max: u64::from(MAX_PRIORITY),
+            });
+        }
+        floor = m.sequence + 1;
+        let seq = m.sequence;
+        op.list(seq, &m.into_entry())?;
+    }
+    op.store(txn)
 }

@@ -596,3 +596,90 @@ fn drop_time_entries_before(
     }
     Ok(())
 }
+
+/// Sets a freshly created topic's extent, for an import. No record is stored yet:
+/// [`restore_records`] appends them from `first_offset` on.
+pub(crate) fn restore_extent(
+    txn: &WriteTransaction<'_>,
+    name: &str,
+    first_offset: u64,
+    next_offset: u64,
+    last_append_ms: u64,
+) -> Result<()> {
+    let mut topics = txn.table(TOPICS)?;
+    let mut record = load(&topics, name)?;
+    if first_offset > next_offset {
+        return Err(Error::InvalidConfig(format!(
+            "topic {name:?}: first offset {first_offset} after next offset {next_offset}"
+        )));
+    }
+    record.first_offset = first_offset;
+    record.next_offset = next_offset;
+    record.last_append_ms = last_append_ms;
+    topics.insert(name, codec::encode_topic(&record).as_slice())?;
+    Ok(())
+}
+
+/// Stores records of an imported topic in record batches, exactly at `first` and the offsets
+/// after it; the topic's extent is already set. Routing and retention do not run: the import
+/// restores what was stored, not what a publish would do.
+pub(crate) fn restore_records(
+    txn: &WriteTransaction<'_>,
+    name: &str,
+    first: u64,
+    messages: &[Message],
+) -> Result<()> {
+    let mut topics = txn.table(TOPICS)?;
+    let mut record = load(&topics, name)?;
+    let end = first + messages.len() as u64;
+    if first < record.first_offset || end > record.next_offset {
+        return Err(Error::InvalidConfig(format!(
+            "topic {name:?}: records {first}..{end} outside the stored range {}..{}",
+            record.first_offset, record.next_offset
+        )));
+    }
+    let limits = txn.shared.limits;
+    let mut log = txn.table(LOG)?;
+    let mut time = txn.table(LOG_TIME)?;
+    let mut base = first;
+    let mut last_ms = 0;
+    for chunk in record_batches(messages) {
+        for (i, message) in chunk.iter().enumerate() {
+            check_message(message, &limits)?;
+            // The time index maps each append time to its first offset; it must stay sorted
+            // by offset, so an imported timestamp that steps back does not add an entry.
+            if message.timestamp_ms > last_ms {
+                last_ms = message.timestamp_ms;
+                if time.get((record.id, last_ms))?.is_none() {
+                    time.insert((record.id, last_ms), base + i as u64)?;
+                }
+            }
+        }
+        let bytes = codec::encode_batch(chunk.iter());
+        record.stored_bytes += bytes.len() as u64;
+        log.insert((record.id, base), bytes.as_slice())?;
+        base += chunk.len() as u64;
+    }
+    topics.insert(name, codec::encode_topic(&record).as_slice())?;
+    Ok(())
+}
+
+/// Sets a group's committed offset for an import, checked against the topic's extent.
+pub(crate) fn restore_group(
+    txn: &WriteTransaction<'_>,
+    topic: &str,
+    group: &str,
+    committed: u64,
+) -> Result<()> {
+    names::check("group", group)?;
+    let record = load(&txn.table(TOPICS)?, topic)?;
+    if committed > record.next_offset {
+        return Err(Error::OffsetOutOfRange {
+            topic: topic.to_owned(),
+            offset: committed,
+            end: record.next_offset,
+        });
+    }
+    txn.table(GROUPS)?.insert((record.id, group), committed)?;
+    Ok(())
+}

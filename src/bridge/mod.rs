@@ -166,6 +166,12 @@ impl<S: Source> Bridge<S> {
             }
             Ok::<_, Error>(step)
         })?;
+        tracing::debug!(
+            target: "mqlite::bridge",
+            written = step.written,
+            duplicates = step.duplicates,
+            "bridged a batch"
+        );
         {
             let mut stats = self.stats.lock();
             stats.written += step.written as u64;
@@ -190,6 +196,7 @@ impl<S: Source> Bridge<S> {
         let stats = self.stats.clone();
         WorkerHandle::spawn("mqlite-bridge", stats, move || {
             if let Err(e) = self.run_once(Duration::from_millis(100)) {
+                tracing::warn!(target: "mqlite::bridge", error = %e, "bridge step failed; retrying in 100 ms");
                 self.stats.lock().last_error = Some(e.to_string());
                 std::thread::sleep(Duration::from_millis(100));
             }

@@ -292,9 +292,17 @@ impl<S: Sink> Relay<S> {
             }
             Ok::<_, Error>(())
         })?;
+        if confirmed > 0 {
+            tracing::debug!(target: "mqlite::relay", sent = confirmed, "relayed outbox rows");
+        }
         let mut stats = self.stats.lock();
         stats.sent += confirmed as u64;
-        if let Some((_, error, at, park)) = retry {
+        if let Some((sequence, error, at, park)) = retry {
+            if park {
+                tracing::warn!(target: "mqlite::relay", sequence, %error, "outbox row parked");
+            } else {
+                tracing::info!(target: "mqlite::relay", sequence, %error, retry_at_ms = at, "sink failed; will retry");
+            }
             stats.failures += 1;
             stats.parked += u64::from(park);
             stats.last_error = Some(error.clone());

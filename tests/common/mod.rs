@@ -485,3 +485,51 @@ pub fn drain<S: mqlite::Sink>(
         db.read(|r| r.outbox_info()).unwrap()
     );
 }
+
+/// The environment variable that makes a test binary act as a child process.
+pub const ROLE_VAR: &str = "MQLITE_TEST_ROLE";
+
+/// Starts this test binary again as a child process that runs only the test named `entry`,
+/// with `role` in [`ROLE_VAR`]; that test reads it with [`child_role`]. Its stdout is piped.
+pub fn spawn_child(entry: &str, role: &str, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            entry,
+            "--nocapture",
+            "--test-threads=1",
+            "--quiet",
+        ])
+        .env(ROLE_VAR, role)
+        .env("MQLITE_TEST_ARGS", args.join("\u{1f}"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// In a child started by [`spawn_child`]: its role and arguments.
+pub fn child_role() -> Option<(String, Vec<String>)> {
+    let role = std::env::var(ROLE_VAR).ok()?;
+    let args = std::env::var("MQLITE_TEST_ARGS").unwrap_or_default();
+    Some((role, args.split('\u{1f}').map(str::to_owned).collect()))
+}
+
+/// Reads lines from a child's stdout until one starts with `prefix`; returns it.
+pub fn read_until(lines: &mut impl Iterator<Item = io::Result<String>>, prefix: &str) -> String {
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.starts_with(prefix) {
+            return line;
+        }
+    }
+    panic!("child ended before printing {prefix:?}");
+}
+
+/// Microseconds since the Unix epoch: a clock two processes share.
+pub fn epoch_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
