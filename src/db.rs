@@ -239,8 +239,12 @@ impl Builder {
     /// another handle holds it in a conflicting mode; none of them modifies the file.
     /// [`Error::Io`] and storage errors.
     pub fn open(&self, path: impl AsRef<Path>) -> Result<Database> {
-        self.check_config()?;
         let path = path.as_ref();
+        crate::error::guard_damage("open", || self.open_file(path))
+    }
+
+    fn open_file(&self, path: &Path) -> Result<Database> {
+        self.check_config()?;
         let needs_create = match fs::metadata(path) {
             Ok(meta) => meta.len() == 0,
             Err(e) if e.kind() == io::ErrorKind::NotFound => true,
@@ -334,16 +338,7 @@ impl Builder {
     /// Checks an existing file without modifying it: redb's magic, then the meta table
     /// through a read-only handle.
     fn check_existing(&self, path: &Path) -> Result<()> {
-        const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
-        let mut head = [0u8; 9];
-        let mut file = File::open(path)?;
-        if file.read_exact(&mut head).is_err() || head != REDB_MAGIC {
-            return Err(Error::NotMqliteFile {
-                path: path.to_path_buf(),
-                reason: "no redb header".into(),
-            });
-        }
-        drop(file);
+        check_magic(path)?;
         let read_only = match self.redb_builder().open_read_only(path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
@@ -417,6 +412,26 @@ fn init_schema(db: &redb::Database) -> Result<()> {
         txn.open_table(schema::DEDUP_EXPIRY)?;
     }
     txn.commit()?;
+    Ok(())
+}
+
+/// Refuses a file that does not start with redb's magic bytes, before redb reads it.
+pub(crate) fn check_magic(path: &Path) -> Result<()> {
+    const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+    let mut head = [0u8; 9];
+    let mut file = File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Error::NotMqliteFile {
+            path: path.to_path_buf(),
+            reason: "no such file".into(),
+        },
+        _ => Error::Io(e),
+    })?;
+    if file.read_exact(&mut head).is_err() || head != REDB_MAGIC {
+        return Err(Error::NotMqliteFile {
+            path: path.to_path_buf(),
+            reason: "no redb header".into(),
+        });
+    }
     Ok(())
 }
 

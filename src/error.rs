@@ -250,3 +250,25 @@ pub(crate) fn open_error(err: redb::DatabaseError, path: &std::path::Path) -> Er
         other => Error::from(other),
     }
 }
+
+/// Runs `f`, turning a panic inside the storage engine into [`Error::Corrupted`].
+///
+/// redb trusts the pages it reads: some damaged pages (a flipped page-type byte, say) make
+/// it panic instead of returning an error. The calls that read a file's structure for the
+/// first time (open, check, compact) go through here so that a damaged file gets a typed
+/// error. Nothing is shared across the boundary: the handle being built unwinds with it.
+pub(crate) fn guard_damage<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(Error::Corrupted {
+                location: format!("{what}: the storage engine failed on damaged pages ({message})"),
+            })
+        }
+    }
+}

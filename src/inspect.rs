@@ -8,7 +8,7 @@ use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use crate::codec::{self, EntryState};
 use crate::db::{Builder, Database};
-use crate::error::{Error, Result, open_error};
+use crate::error::{Error, Result, guard_damage, open_error};
 use crate::outbox::OutboxInfo;
 use crate::queue::QueueInfo;
 use crate::schema::{BINDINGS, DEDUP, LOG, OUTBOX, OUTBOX_PARKED, QUEUE_ENTRIES, QUEUES, TOPICS};
@@ -350,7 +350,11 @@ impl Builder {
     /// ```
     pub fn open_read_only(&self, path: impl AsRef<Path>) -> Result<ReadOnlyDatabase> {
         let path = path.as_ref();
-        std::fs::metadata(path)?;
+        guard_damage("open read-only", || self.open_read_only_file(path))
+    }
+
+    fn open_read_only_file(&self, path: &Path) -> Result<ReadOnlyDatabase> {
+        crate::db::check_magic(path)?;
         let db = self
             .redb_builder()
             .open_read_only(path)
@@ -382,14 +386,16 @@ impl Builder {
     /// ```
     pub fn check(&self, path: impl AsRef<Path>, progress: impl FnMut(u64)) -> Result<CheckReport> {
         let path = path.as_ref();
-        let repaired = {
-            let mut db = self.raw_open(path)?;
-            !db.check_integrity().map_err(Error::from)?
-        };
-        let db = self.open(path)?;
-        let mut report = db.verify(progress)?;
-        report.repaired = repaired;
-        Ok(report)
+        guard_damage("check", || {
+            let repaired = {
+                let mut db = self.raw_open(path)?;
+                !db.check_integrity().map_err(Error::from)?
+            };
+            let db = self.open(path)?;
+            let mut report = db.verify(progress)?;
+            report.repaired = repaired;
+            Ok(report)
+        })
     }
 
     /// Compacts a closed file: moves pages down and gives free space back to the file
@@ -413,10 +419,11 @@ impl Builder {
     pub fn compact(&self, path: impl AsRef<Path>) -> Result<CompactReport> {
         let path = path.as_ref();
         let bytes_before = std::fs::metadata(path)?.len();
-        {
+        guard_damage("compact", || {
             let mut db = self.raw_open(path)?;
             while db.compact().map_err(Error::from)? {}
-        }
+            Ok(())
+        })?;
         Ok(CompactReport {
             bytes_before,
             bytes_after: std::fs::metadata(path)?.len(),

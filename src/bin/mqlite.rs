@@ -27,7 +27,8 @@ Exit codes:
   5  no such topic, queue or group
   6  check found problems, or stored data is corrupted
   7  input refused (bad name, message too large, stale lease, bad import line)
-  8  storage full";
+  8  storage full
+  70 internal error (a bug: please report it)";
 
 /// Inspect, manage, feed and drain mqlite files.
 #[derive(Parser)]
@@ -72,7 +73,7 @@ enum Command {
     Unbind(BindArgs),
     /// Publish one message to a topic (payload from an argument, a file or stdin).
     #[command(
-        after_help = "Example: echo '{\"id\":7}' | mqlite publish app.mqlite events --routing-key orders.new.eu"
+        after_help = "Example: mqlite publish app.mqlite events '{\"id\":7}' --routing-key orders.new.eu"
     )]
     Publish(PublishArgs),
     /// Print a topic's messages, from a position or as a consumer group; --follow waits for more.
@@ -398,10 +399,44 @@ impl Out {
     }
 }
 
+/// Where the last panic happened, for telling damaged data from a bug.
+static PANIC_AT: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let out = Out { json: cli.json };
-    match run(cli.command, &out) {
+    // redb panics on some damaged pages: report them as a damaged file (exit 6), anything else
+    // as an internal error, in one line without a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let at = info
+            .location()
+            .map(|l| l.file().to_owned())
+            .unwrap_or_default();
+        if let Ok(mut slot) = PANIC_AT.lock() {
+            *slot = Some(at);
+        }
+    }));
+    let result = std::panic::catch_unwind(|| run(cli.command, &out)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = PANIC_AT
+            .lock()
+            .ok()
+            .and_then(|s| s.clone())
+            .unwrap_or_default();
+        if at.contains("redb") {
+            Err(Error::Corrupted {
+                location: format!("the storage engine failed on damaged pages ({message})"),
+            })
+        } else {
+            eprintln!("mqlite: internal error at {at}: {message}");
+            Ok(ExitCode::from(70))
+        }
+    });
+    match result {
         Ok(code) => code,
         Err(e) => {
             if out.json {
@@ -1299,20 +1334,20 @@ fn demo(dir: Option<PathBuf>, out: &Out) -> Result<(), Error> {
     let hub = Database::open(&hub_path)?;
     hub.write(|txn| {
         txn.create_topic("orders", TopicConfig::default())?;
+        txn.create_queue("shipping.dlq", QueueConfig::default())?;
         txn.create_queue(
             "shipping",
             QueueConfig::default().dead_letter("shipping.dlq"),
         )?;
-        txn.create_queue("shipping.dlq", QueueConfig::default())?;
         txn.bind("orders", "shipping", Binding::pattern("order.created.*"))
     })?;
     // The app writes each order event to its outbox, in its own commit.
     let regions = ["eu", "us", "apac"];
     for i in 0..300u32 {
         let region = regions[i as usize % regions.len()];
-        let event = Message::new(format!("{{\"order\":{i},\"region\":\"{region}\"}}"))
-            .with_routing_key(format!("order.created.{region}"));
-        app.write(|txn| txn.outbox_put("orders", &event))?;
+        let event = Message::new(format!("{{\"order\":{i},\"region\":\"{region}\"}}"));
+        // The outbox destination becomes the routing key at the hub.
+        app.write(|txn| txn.outbox_put(&format!("order.created.{region}"), &event))?;
     }
     // The relay ships the outbox to the hub in commit order.
     let mut relay = mqlite::Relay::new(app.clone(), mqlite::MqliteSink::new(hub.clone(), "orders"));
