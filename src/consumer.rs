@@ -82,7 +82,22 @@ impl Database {
     /// # Ok::<(), mqlite::Error>(())
     /// ```
     pub fn receive(&self, queue: &str, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        self.receive_until(queue, max, timeout, &|| false)
+    }
+
+    /// [`Database::receive`] that also gives up, with nothing, once `stop` says so (checked at
+    /// every wake-up).
+    pub(crate) fn receive_until(
+        &self,
+        queue: &str,
+        max: usize,
+        timeout: Duration,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Vec<Delivery>> {
         let found = self.wait_for(timeout, || {
+            if stop() {
+                return Ok((Some(Vec::new()), None));
+            }
             let deliveries = self.write(|txn| txn.receive(queue, max))?;
             if !deliveries.is_empty() {
                 return Ok((Some(deliveries), None));

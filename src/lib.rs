@@ -27,6 +27,8 @@ mod queue;
 mod relay;
 mod routing;
 mod schema;
+#[cfg(feature = "async")]
+mod stream;
 mod topic;
 mod txn;
 mod worker;
@@ -72,6 +74,8 @@ pub use relay::{
     FnSink, MqliteSink, Relay, RelayConfig, RelayHandle, RelayStats, RelayStep, Sink, SinkError,
 };
 pub use routing::{Binding, BindingInfo, HeaderMatch, MAX_ROUTING_KEY_BYTES, pattern_matches};
+#[cfg(feature = "async")]
+pub use stream::{Deliveries, WriteFuture};
 pub use topic::{GroupInfo, Record, Retention, RetentionReport, StartAt, TopicConfig, TopicInfo};
 pub use txn::{ReadTransaction, WriteTransaction};
 pub use worker::WorkerHandle;
