@@ -18,6 +18,7 @@ use serde_json::{Map, Value, json};
 use crate::codec::{self, EntryState, OutboxRecord};
 use crate::db::Database;
 use crate::error::{Error, Result};
+use crate::inspect::ReadOnlyDatabase;
 use crate::message::{Message, MessageId};
 use crate::queue::{self, Death, DeathReason, Overflow, QueueConfig, QueuedMessage};
 use crate::routing::{Binding, HeaderMatch};
@@ -26,7 +27,7 @@ use crate::schema::{
     TOPICS,
 };
 use crate::topic::{self, Retention, TopicConfig};
-use crate::txn::WriteTransaction;
+use crate::txn::{ReadTransaction, WriteTransaction};
 
 /// The version of the export layout; an import refuses a newer one.
 const EXPORT_VERSION: u64 = 1;
@@ -83,110 +84,7 @@ impl Database {
     /// # Ok::<(), mqlite::Error>(())
     /// ```
     pub fn export(&self, out: impl Write, progress: impl FnMut(u64)) -> Result<DumpReport> {
-        let snapshot = self.begin_read()?;
-        let mut w = LineWriter {
-            out,
-            report: DumpReport::default(),
-            progress,
-        };
-        let outbox_next = match snapshot.table(META)?.get(META_OUTBOX_NEXT)? {
-            Some(v) => codec::decode_u64(v.value(), "meta outbox_next")?,
-            None => 0,
-        };
-        w.line(json!({
-            "type": "header", "mqlite_export": EXPORT_VERSION,
-            "format_version": FORMAT_VERSION, "outbox_next": outbox_next,
-        }))?;
-        let topics = snapshot.topics()?;
-        for t in &topics {
-            let r = t.config.retention;
-            let last_append_ms = topic::load(&snapshot.table(TOPICS)?, &t.name)?.last_append_ms;
-            w.line(json!({
-                "type": "topic", "name": t.name, "first_offset": t.first_offset,
-                "next_offset": t.next_offset, "last_append_ms": last_append_ms,
-                "retention": {
-                    "max_age_ms": r.max_age_ms, "max_messages": r.max_messages,
-                    "max_bytes": r.max_bytes, "until_consumed": r.until_consumed,
-                },
-            }))?;
-            w.report.topics += 1;
-            let mut from = t.first_offset;
-            loop {
-                let records = snapshot.read_topic(&t.name, from, CHUNK)?;
-                let Some(last) = records.last() else { break };
-                from = last.offset + 1;
-                for record in records {
-                    w.line(json!({
-                        "type": "record", "topic": t.name, "offset": record.offset,
-                        "message": message_json(&record.message),
-                    }))?;
-                    w.report.records += 1;
-                }
-            }
-            for g in snapshot.groups(&t.name)? {
-                w.line(json!({
-                    "type": "group", "topic": t.name, "group": g.group, "committed": g.committed,
-                }))?;
-            }
-        }
-        for q in snapshot.queues()? {
-            let next_sequence = queue::load(&snapshot.table(QUEUES)?, &q.name)?.next_seq;
-            let c = &q.config;
-            w.line(json!({
-                "type": "queue", "name": q.name, "next_sequence": next_sequence,
-                "dead_lettered": q.dead_lettered,
-                "config": {
-                    "lease_ms": c.lease_ms, "max_deliveries": c.max_deliveries,
-                    "dead_letter": c.dead_letter, "max_length": c.max_length,
-                    "overflow": overflow_name(c.overflow), "message_ttl_ms": c.message_ttl_ms,
-                },
-            }))?;
-            w.report.queues += 1;
-            let mut from = 0;
-            loop {
-                let held = snapshot.browse_queue(&q.name, from, CHUNK)?;
-                let Some(last) = held.last() else { break };
-                from = last.sequence + 1;
-                for m in held {
-                    w.line(entry_json(&q.name, &m))?;
-                    w.report.entries += 1;
-                }
-            }
-        }
-        for t in &topics {
-            for b in snapshot.bindings(&t.name)? {
-                w.line(json!({
-                    "type": "binding", "topic": t.name, "queue": b.queue,
-                    "rule": binding_json(&b.rule),
-                }))?;
-            }
-        }
-        for (table, parked) in [(OUTBOX, false), (OUTBOX_PARKED, true)] {
-            for row in snapshot.table(table)?.iter()? {
-                let (key, value) = row?;
-                let o = codec::decode_outbox(value.value())?;
-                w.line(json!({
-                    "type": "outbox", "sequence": key.value(), "parked": parked,
-                    "destination": o.destination, "attempts": o.attempts,
-                    "next_attempt_ms": o.next_attempt_ms, "last_error": o.last_error,
-                    "message": message_json(&o.message),
-                }))?;
-                w.report.outbox += 1;
-            }
-        }
-        for row in snapshot.table(DEDUP)?.iter()? {
-            let (key, expires) = row?;
-            let (scope, id) = key.value();
-            w.line(json!({
-                "type": "dedup", "scope": scope, "id": MessageId(id).to_string(),
-                "expires_ms": expires.value(),
-            }))?;
-            w.report.dedup += 1;
-        }
-        let lines = w.report.lines + 1;
-        w.line(json!({"type": "end", "lines": lines}))?;
-        w.out.flush()?;
-        Ok(w.report)
+        export_snapshot(&self.begin_read()?, out, progress)
     }
 
     /// Restores an [export](Database::export) into this database, which must hold no topic,
@@ -247,6 +145,127 @@ impl Database {
             Ok(importer.report)
         })
     }
+}
+
+impl ReadOnlyDatabase {
+    /// [`Database::export`] from a read-only handle, for a file another process writes.
+    ///
+    /// # Errors
+    ///
+    /// As [`Database::export`].
+    pub fn export(&self, out: impl Write, progress: impl FnMut(u64)) -> Result<DumpReport> {
+        export_snapshot(&self.begin_read()?, out, progress)
+    }
+}
+
+fn export_snapshot(
+    snapshot: &ReadTransaction,
+    out: impl Write,
+    progress: impl FnMut(u64),
+) -> Result<DumpReport> {
+    let mut w = LineWriter {
+        out,
+        report: DumpReport::default(),
+        progress,
+    };
+    let outbox_next = match snapshot.table(META)?.get(META_OUTBOX_NEXT)? {
+        Some(v) => codec::decode_u64(v.value(), "meta outbox_next")?,
+        None => 0,
+    };
+    w.line(json!({
+        "type": "header", "mqlite_export": EXPORT_VERSION,
+        "format_version": FORMAT_VERSION, "outbox_next": outbox_next,
+    }))?;
+    let topics = snapshot.topics()?;
+    for t in &topics {
+        let r = t.config.retention;
+        let last_append_ms = topic::load(&snapshot.table(TOPICS)?, &t.name)?.last_append_ms;
+        w.line(json!({
+            "type": "topic", "name": t.name, "first_offset": t.first_offset,
+            "next_offset": t.next_offset, "last_append_ms": last_append_ms,
+            "retention": {
+                "max_age_ms": r.max_age_ms, "max_messages": r.max_messages,
+                "max_bytes": r.max_bytes, "until_consumed": r.until_consumed,
+            },
+        }))?;
+        w.report.topics += 1;
+        let mut from = t.first_offset;
+        loop {
+            let records = snapshot.read_topic(&t.name, from, CHUNK)?;
+            let Some(last) = records.last() else { break };
+            from = last.offset + 1;
+            for record in records {
+                w.line(json!({
+                    "type": "record", "topic": t.name, "offset": record.offset,
+                    "message": message_json(&record.message),
+                }))?;
+                w.report.records += 1;
+            }
+        }
+        for g in snapshot.groups(&t.name)? {
+            w.line(json!({
+                "type": "group", "topic": t.name, "group": g.group, "committed": g.committed,
+            }))?;
+        }
+    }
+    for q in snapshot.queues()? {
+        let next_sequence = queue::load(&snapshot.table(QUEUES)?, &q.name)?.next_seq;
+        let c = &q.config;
+        w.line(json!({
+            "type": "queue", "name": q.name, "next_sequence": next_sequence,
+            "dead_lettered": q.dead_lettered,
+            "config": {
+                "lease_ms": c.lease_ms, "max_deliveries": c.max_deliveries,
+                "dead_letter": c.dead_letter, "max_length": c.max_length,
+                "overflow": overflow_name(c.overflow), "message_ttl_ms": c.message_ttl_ms,
+            },
+        }))?;
+        w.report.queues += 1;
+        let mut from = 0;
+        loop {
+            let held = snapshot.browse_queue(&q.name, from, CHUNK)?;
+            let Some(last) = held.last() else { break };
+            from = last.sequence + 1;
+            for m in held {
+                w.line(entry_json(&q.name, &m))?;
+                w.report.entries += 1;
+            }
+        }
+    }
+    for t in &topics {
+        for b in snapshot.bindings(&t.name)? {
+            w.line(json!({
+                "type": "binding", "topic": t.name, "queue": b.queue,
+                "rule": binding_json(&b.rule),
+            }))?;
+        }
+    }
+    for (table, parked) in [(OUTBOX, false), (OUTBOX_PARKED, true)] {
+        for row in snapshot.table(table)?.iter()? {
+            let (key, value) = row?;
+            let o = codec::decode_outbox(value.value())?;
+            w.line(json!({
+                "type": "outbox", "sequence": key.value(), "parked": parked,
+                "destination": o.destination, "attempts": o.attempts,
+                "next_attempt_ms": o.next_attempt_ms, "last_error": o.last_error,
+                "message": message_json(&o.message),
+            }))?;
+            w.report.outbox += 1;
+        }
+    }
+    for row in snapshot.table(DEDUP)?.iter()? {
+        let (key, expires) = row?;
+        let (scope, id) = key.value();
+        w.line(json!({
+            "type": "dedup", "scope": scope, "id": MessageId(id).to_string(),
+            "expires_ms": expires.value(),
+        }))?;
+        w.report.dedup += 1;
+    }
+    let lines = w.report.lines + 1;
+    w.line(json!({"type": "end", "lines": lines}))?;
+    w.out.flush()?;
+    Ok(w.report)
 }
 
 fn import_error(line: u64, reason: impl Into<String>) -> Error {

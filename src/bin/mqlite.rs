@@ -167,6 +167,9 @@ enum Command {
         /// Messages for the batched workloads.
         #[arg(long, default_value_t = 100_000)]
         messages: u64,
+        /// The concurrency mode to measure: exclusive (the default), single or multi.
+        #[arg(long, default_value = "exclusive")]
+        concurrency: String,
     },
     /// Run a small end-to-end demo on scratch files: outbox, relay, routing, work queue.
     #[command(after_help = "Example: mqlite demo")]
@@ -509,7 +512,11 @@ fn run(command: Command, out: &Out) -> Result<ExitCode, Error> {
         Command::Import { file, input } => import(&file, input.as_deref(), out)?,
         Command::Check { file } => return check(&file, out),
         Command::Compact { file } => compact(&file, out)?,
-        Command::Bench { dir, messages } => bench(dir, messages, out)?,
+        Command::Bench {
+            dir,
+            messages,
+            concurrency,
+        } => bench(dir, messages, &concurrency, out)?,
         Command::Demo { dir } => demo(dir, out)?,
     }
     Ok(ExitCode::SUCCESS)
@@ -1117,9 +1124,8 @@ fn progress(total: Option<u64>, what: &str) -> ProgressBar {
 }
 
 fn export(file: &Path, output: Option<&Path>, out: &Out) -> Result<(), Error> {
-    existing(file)?;
-    let db = open_rw(file, false)?;
-    let m = db.metrics()?;
+    let db = open_ro(file)?;
+    let m = db.begin_read()?.metrics(now_ms())?;
     let total = 2
         + m.topics
             .iter()
@@ -1231,11 +1237,21 @@ fn rate(n: u64, since: Instant) -> f64 {
     n as f64 / since.elapsed().as_secs_f64().max(1e-9)
 }
 
-fn bench(dir: Option<PathBuf>, messages: u64, out: &Out) -> Result<(), Error> {
+fn bench(dir: Option<PathBuf>, messages: u64, concurrency: &str, out: &Out) -> Result<(), Error> {
+    let mode = match concurrency {
+        "exclusive" => ConcurrencyMode::ExclusiveWriter,
+        "single" => ConcurrencyMode::SingleWriter,
+        "multi" => ConcurrencyMode::MultiWriter,
+        other => {
+            return Err(Error::InvalidConfig(format!(
+                "--concurrency {other:?}: not exclusive, single or multi"
+            )));
+        }
+    };
     let dir = scratch_dir(dir, "bench")?;
     let path = dir.join("bench.mqlite");
     let _ = std::fs::remove_file(&path);
-    let db = Database::open(&path)?;
+    let db = Database::builder().concurrency(mode).open(&path)?;
     db.write(|txn| {
         txn.create_topic("bench", TopicConfig::default())?;
         txn.create_queue("jobs", QueueConfig::default())
@@ -1313,7 +1329,7 @@ fn bench(dir: Option<PathBuf>, messages: u64, out: &Out) -> Result<(), Error> {
         .collect();
     out.emit(&Value::Array(value), || {
         println!(
-            "mqlite bench on {} (100-byte payloads, durable commits)",
+            "mqlite bench on {} (100-byte payloads, durable commits, {concurrency} mode)",
             dir.display()
         );
         for (w, v, u) in &rows {
