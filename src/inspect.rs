@@ -43,6 +43,10 @@ pub struct CommitMetrics {
 pub struct TopicMetrics {
     /// Configuration and extent.
     pub info: TopicInfo,
+    /// Timestamp of the oldest stored message, if any (milliseconds).
+    pub oldest_ms: Option<u64>,
+    /// Timestamp of the newest stored message, if any (milliseconds).
+    pub newest_ms: Option<u64>,
     /// Every group with its committed offset and lag.
     pub groups: Vec<GroupInfo>,
 }
@@ -76,7 +80,23 @@ impl ReadTransaction {
         let mut topics = Vec::new();
         for info in self.topics()? {
             let groups = self.groups(&info.name)?;
-            topics.push(TopicMetrics { info, groups });
+            let stamp = |offset: u64| -> Result<Option<u64>> {
+                Ok(self
+                    .read_topic(&info.name, offset, 1)?
+                    .first()
+                    .map(|r| r.message.timestamp_ms))
+            };
+            let (oldest_ms, newest_ms) = if info.is_empty() {
+                (None, None)
+            } else {
+                (stamp(info.first_offset)?, stamp(info.next_offset - 1)?)
+            };
+            topics.push(TopicMetrics {
+                info,
+                oldest_ms,
+                newest_ms,
+                groups,
+            });
         }
         Ok(Metrics {
             at_ms,

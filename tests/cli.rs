@@ -600,3 +600,33 @@ fn live_file_held_by_an_application() {
     drop(app.stdin.take());
     assert!(app.wait().unwrap().success());
 }
+
+#[test]
+fn tail_follow_sees_new_messages() {
+    if common::child_role().is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.mqlite");
+    let f = path.to_str().unwrap();
+    json(&["topic", "create", f, "events"]);
+    json(&["publish", f, "events", "old"]);
+    // Follow from the end, as a reader next to a MultiWriter application that publishes.
+    let (mut app, mut lines) = hold(&path, "multi");
+    let follower = Command::new(env!("CARGO_BIN_EXE_mqlite"))
+        .args([
+            "tail", f, "live", "--from", "latest", "--follow", "--max", "1", "--json",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    app.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    common::read_until(&mut lines, "published");
+    let out = follower.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let record: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(record["payload"], "after");
+    drop(app.stdin.take());
+    assert!(app.wait().unwrap().success());
+}

@@ -605,6 +605,7 @@ fn metrics_json(m: &Metrics) -> Value {
                 "name": t.info.name, "first_offset": t.info.first_offset,
                 "next_offset": t.info.next_offset, "messages": t.info.len(),
                 "stored_bytes": t.info.stored_bytes,
+                "oldest_ms": t.oldest_ms, "newest_ms": t.newest_ms,
                 "retention": {"max_age_ms": r.max_age_ms, "max_messages": r.max_messages,
                               "max_bytes": r.max_bytes, "until_consumed": r.until_consumed},
                 "groups": groups,
@@ -639,18 +640,20 @@ fn metrics_json(m: &Metrics) -> Value {
 
 fn print_topics(m: &Metrics) {
     println!(
-        "{:<24} {:>10} {:>10} {:>10} {:>12}  retention",
-        "topic", "first", "next", "messages", "bytes"
+        "{:<24} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}  retention",
+        "topic", "first", "next", "messages", "bytes", "oldest", "newest"
     );
     for t in &m.topics {
         let r = t.info.config.retention;
         println!(
-            "{:<24} {:>10} {:>10} {:>10} {:>12}  {}",
+            "{:<24} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}  {}",
             t.info.name,
             t.info.first_offset,
             t.info.next_offset,
             t.info.len(),
             t.info.stored_bytes,
+            age(m.at_ms, t.oldest_ms),
+            age(m.at_ms, t.newest_ms),
             retention_text(&r)
         );
         for g in &t.groups {
