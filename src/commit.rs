@@ -160,10 +160,9 @@ impl GroupCommit {
         };
         let mut me_alive = true;
         loop {
-            let txn = match shared.db.begin_write() {
+            let txn = match shared.store.begin_write() {
                 Ok(t) => Arc::new(WriteTransaction::new(t, shared.clone())),
                 Err(e) => {
-                    let e = Error::from(e);
                     for f in &followers {
                         f.set(Turn::Done(Err(copy_error(&e))));
                     }

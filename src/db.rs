@@ -18,6 +18,7 @@ use crate::commit::GroupCommit;
 use crate::error::{Error, Result, open_error};
 use crate::inspect::Counters;
 use crate::schema::{self, FORMAT_VERSION, META, META_FORMAT, META_NEXT_ID};
+use crate::store::{Reopen, SharedBackend, Store};
 use crate::topic::{RETENTION_BATCH, RetentionReport, trim};
 use crate::txn::{ReadTransaction, WriteTransaction};
 
@@ -102,6 +103,7 @@ pub struct Builder {
     flush_interval_ms: u64,
     concurrency: redb::ConcurrencyMode,
     create_hook: Option<CreateHook>,
+    verify_on_open: bool,
 }
 
 impl Default for Builder {
@@ -114,6 +116,7 @@ impl Default for Builder {
             flush_interval_ms: 10,
             concurrency: redb::ConcurrencyMode::ExclusiveWriter,
             create_hook: None,
+            verify_on_open: false,
         }
     }
 }
@@ -176,6 +179,20 @@ impl Builder {
         self
     }
 
+    /// Verifies every page checksum of the file when it opens (redb's integrity check), so
+    /// that damage to the medium (a flipped bit, a bad sector) in any table, the
+    /// application's included, is found before anything is read. Default off: it reads the
+    /// whole file, which costs time proportional to its size at every open. Without it, every
+    /// mqlite value still carries its own checksum, but keys and plain integers (group
+    /// offsets, dedup expiry times, the application's tables) are only checked by
+    /// [`Builder::check`] (`mqlite check`).
+    ///
+    /// A file that fails the check is refused with [`Error::Corrupted`].
+    pub fn verify_on_open(&mut self, verify: bool) -> &mut Self {
+        self.verify_on_open = verify;
+        self
+    }
+
     /// How processes share the file (redb's concurrency mode). Default
     /// [`ExclusiveWriter`](redb::ConcurrencyMode::ExclusiveWriter): one process opens the
     /// file, and a second opener gets [`Error::AlreadyOpen`]. `SingleWriter` and `MultiWriter`
@@ -198,10 +215,7 @@ impl Builder {
     }
 
     pub(crate) fn redb_builder(&self) -> redb::Builder {
-        let mut b = redb::Database::builder();
-        b.set_cache_size(self.cache_size_bytes);
-        b.set_concurrency_mode(self.concurrency);
-        b
+        redb_builder(self.cache_size_bytes, self.concurrency)
     }
 
     fn check_config(&self) -> Result<()> {
@@ -258,7 +272,13 @@ impl Builder {
             .redb_builder()
             .open(path)
             .map_err(|e| open_error(e, path))?;
-        self.finish_open(db, Some(path.to_path_buf()), false)
+        let (cache, mode, file) = (self.cache_size_bytes, self.concurrency, path.to_path_buf());
+        let reopen: Reopen = Box::new(move || {
+            redb_builder(cache, mode)
+                .open(&file)
+                .map_err(|e| open_error(e, &file))
+        });
+        self.finish_open(db, reopen, Some(path.to_path_buf()), false)
     }
 
     /// Opens a database that lives in memory only; for tests and examples.
@@ -277,12 +297,21 @@ impl Builder {
     ///
     /// As [`Builder::open`].
     pub fn open_backend(&self, backend: impl StorageBackend) -> Result<Database> {
+        crate::error::guard_damage("open", || self.open_on(backend))
+    }
+
+    fn open_on(&self, backend: impl StorageBackend) -> Result<Database> {
         self.check_config()?;
+        let backend: Arc<dyn StorageBackend> = Arc::new(backend);
         let db = self
             .redb_builder()
-            .create_with_backend(backend)
+            .create_with_backend(SharedBackend(backend.clone()))
             .map_err(Error::from)?;
-        self.finish_open(db, None, true)
+        let (cache, mode) = (self.cache_size_bytes, self.concurrency);
+        let reopen: Reopen = Box::new(move || {
+            Ok(redb_builder(cache, mode).create_with_backend(SharedBackend(backend.clone()))?)
+        });
+        self.finish_open(db, reopen, None, true)
     }
 
     /// Builds a new file under a temporary name and links it into place.
@@ -356,10 +385,16 @@ impl Builder {
 
     fn finish_open(
         &self,
-        db: redb::Database,
+        mut db: redb::Database,
+        reopen: Reopen,
         path: Option<PathBuf>,
         init_if_empty: bool,
     ) -> Result<Database> {
+        if self.verify_on_open && !db.check_integrity().map_err(Error::from)? {
+            return Err(Error::corrupted(
+                "the integrity check found damaged pages (redb rolled back to the last intact commit; run `mqlite check`)",
+            ));
+        }
         {
             let txn = db.begin_read()?;
             let empty = txn.list_tables()?.next().is_none();
@@ -370,7 +405,7 @@ impl Builder {
             check_format(&db.begin_read()?, path.as_deref())?;
         }
         let shared = Arc::new(Shared {
-            db,
+            store: Store::new(db, reopen),
             limits: self.limits,
             clock: self.clock.clone(),
             durability: self.durability,
@@ -389,6 +424,13 @@ impl Builder {
         }
         Ok(Database { shared })
     }
+}
+
+fn redb_builder(cache_size_bytes: usize, mode: redb::ConcurrencyMode) -> redb::Builder {
+    let mut b = redb::Database::builder();
+    b.set_cache_size(cache_size_bytes);
+    b.set_concurrency_mode(mode);
+    b
 }
 
 fn init_schema(db: &redb::Database) -> Result<()> {
@@ -500,7 +542,8 @@ impl Wake for Notifier {
 
 /// State shared by every clone of a [`Database`].
 pub(crate) struct Shared {
-    pub(crate) db: redb::Database,
+    /// The redb handle, reopened after a storage failure.
+    pub(crate) store: Store,
     pub(crate) limits: Limits,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) durability: Durability,
@@ -527,7 +570,11 @@ impl Shared {
         } else {
             redb::Durability::Immediate
         })?;
-        txn.commit()?;
+        txn.commit().map_err(|e| {
+            let e = Error::from(e);
+            self.store.note(&e);
+            e
+        })?;
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
         if relaxed {
             self.dirty.store(true, Ordering::Release);
@@ -542,11 +589,15 @@ impl Shared {
     }
 
     fn flush(&self) -> Result<()> {
-        let txn = self.db.begin_write()?;
+        let txn = self.store.begin_write()?;
         self.dirty.store(false, Ordering::Release);
         let mut txn = txn;
         txn.set_durability(redb::Durability::Immediate)?;
-        txn.commit()?;
+        txn.commit().map_err(|e| {
+            let e = Error::from(e);
+            self.store.note(&e);
+            e
+        })?;
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         tracing::trace!(target: "mqlite::commit", "flushed relaxed commits");
         Ok(())
@@ -694,7 +745,7 @@ impl Database {
         if durability == Durability::Immediate {
             return self.shared.group.write(&self.shared, &mut f);
         }
-        let redb_txn = self.shared.db.begin_write().map_err(Error::from)?;
+        let redb_txn = self.shared.store.begin_write()?;
         let txn = WriteTransaction::new(redb_txn, self.shared.clone());
         let value = f(&txn)?;
         self.shared.commit(txn, durability)?;
@@ -708,7 +759,7 @@ impl Database {
         &self,
         f: impl FnOnce(&WriteTransaction<'_>) -> Result<T>,
     ) -> Result<T> {
-        let txn = WriteTransaction::new(self.shared.db.begin_write()?, self.shared.clone());
+        let txn = WriteTransaction::new(self.shared.store.begin_write()?, self.shared.clone());
         let value = f(&txn)?;
         self.shared.commit(txn, Durability::Immediate)?;
         self.shared.counters.writes.fetch_add(1, Ordering::Relaxed);
@@ -735,7 +786,7 @@ impl Database {
     ///
     /// Storage errors.
     pub fn begin_read(&self) -> Result<ReadTransaction> {
-        Ok(ReadTransaction::new(self.shared.db.begin_read()?))
+        Ok(ReadTransaction::new(self.shared.store.begin_read()?))
     }
 
     /// Makes every commit so far durable (fsync). Needed only with [`Durability::Relaxed`].

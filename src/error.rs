@@ -2,6 +2,7 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A `Result` whose error is [`enum@Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -195,30 +196,57 @@ fn is_disk_full(err: &io::Error) -> bool {
     err.kind() == io::ErrorKind::StorageFull || matches!(err.raw_os_error(), Some(28 | 122))
 }
 
+/// Storage failures converted so far, in any database of this process; a store that sees it
+/// move checks whether its redb handle latched one (see `store.rs`).
+pub(crate) static STORAGE_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+fn counted(err: Error) -> Error {
+    if is_storage_failure(&err) {
+        STORAGE_FAILURES.fetch_add(1, Ordering::Release);
+    }
+    err
+}
+
 impl From<redb::StorageError> for Error {
     fn from(err: redb::StorageError) -> Self {
-        match err {
+        counted(match err {
             redb::StorageError::Corrupted(what) => Error::corrupted(what),
             redb::StorageError::Io(io) if is_disk_full(&io) => Error::StorageFull,
             redb::StorageError::Io(io) => Error::Io(io),
+            redb::StorageError::PreviousIo => Error::Storage(PREVIOUS_IO.into()),
             redb::StorageError::Backend(inner) => match inner.downcast::<io::Error>() {
                 Ok(io) if is_disk_full(&io) => Error::StorageFull,
                 Ok(io) => Error::Io(*io),
                 Err(other) => Error::Storage(other.to_string()),
             },
             other => Error::Storage(other.to_string()),
-        }
+        })
     }
 }
 
 impl From<redb::Error> for Error {
     fn from(err: redb::Error) -> Self {
-        match err {
+        counted(match err {
             redb::Error::Corrupted(what) => Error::corrupted(what),
             redb::Error::Io(io) if is_disk_full(&io) => Error::StorageFull,
             redb::Error::Io(io) => Error::Io(io),
+            redb::Error::PreviousIo => Error::Storage(PREVIOUS_IO.into()),
             other => Error::Storage(other.to_string()),
-        }
+        })
+    }
+}
+
+/// What an operation gets when an earlier I/O error stopped the storage engine and reopening
+/// it failed too (the next transaction tries again).
+pub(crate) const PREVIOUS_IO: &str =
+    "an earlier I/O error stopped the storage engine; it is reopened at the next transaction";
+
+/// Whether `err` means the storage engine has latched an I/O failure and must be reopened.
+pub(crate) fn is_storage_failure(err: &Error) -> bool {
+    match err {
+        Error::Io(_) | Error::StorageFull => true,
+        Error::Storage(what) => what == PREVIOUS_IO,
+        _ => false,
     }
 }
 

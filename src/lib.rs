@@ -27,6 +27,7 @@ mod queue;
 mod relay;
 mod routing;
 mod schema;
+mod store;
 #[cfg(feature = "async")]
 mod stream;
 mod topic;

@@ -45,6 +45,8 @@ struct Disk {
     live: Vec<u8>,
     /// Writes since the last sync, in order.
     pending: Vec<(u64, Vec<u8>)>,
+    /// Length changes since the last sync, in order with `pending` (index into it, length).
+    resizes: Vec<(usize, usize)>,
     /// Operations so far.
     ops: u64,
     /// The operation at which the power goes.
@@ -216,6 +218,8 @@ impl StorageBackend for SimDisk {
         }
         d.live.resize(len as usize, 0);
         // A shrink or growth is metadata; model it as durable only at the next sync.
+        let at = d.pending.len();
+        d.resizes.push((at, len as usize));
         Ok(())
     }
 
@@ -225,8 +229,21 @@ impl StorageBackend for SimDisk {
             std::thread::sleep(std::time::Duration::from_micros(latency));
         }
         let mut d = self.begin()?;
-        d.durable = d.live.clone();
-        d.pending.clear();
+        // Replay the writes and length changes since the last sync onto the durable image
+        // (cheaper than copying the whole live image at every sync).
+        let pending = std::mem::take(&mut d.pending);
+        let resizes = std::mem::take(&mut d.resizes);
+        let mut next_resize = resizes.iter().peekable();
+        for (i, (offset, data)) in pending.iter().enumerate() {
+            while let Some((_, len)) = next_resize.next_if(|(at, _)| *at <= i) {
+                d.durable.resize(*len, 0);
+            }
+            apply(&mut d.durable, *offset, data, |_| true);
+        }
+        for (_, len) in next_resize {
+            d.durable.resize(*len, 0);
+        }
+        debug_assert_eq!(d.durable.len(), d.live.len());
         d.syncs += 1;
         Ok(())
     }

@@ -1,0 +1,167 @@
+//! The redb handle behind a [`Database`](crate::Database), reopened after a storage failure.
+//!
+//! redb latches the first I/O error: every later operation fails with "previous I/O error"
+//! until the database is closed and opened again. A full disk is the common case, and waiting
+//! for an operator to restart the process would turn a transient condition into an outage. So
+//! the handle lives here behind a lock: the first transaction begun after a failure drops it,
+//! opens the file (or backend) again, which runs redb's recovery, and goes on. Nothing
+//! acknowledged is lost: a commit either returned Ok before the failure, or failed.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::RwLock;
+
+use crate::error::{Error, PREVIOUS_IO, Result, STORAGE_FAILURES, is_storage_failure};
+
+/// Opens the same file or backend again.
+pub(crate) type Reopen = Box<dyn Fn() -> Result<redb::Database> + Send + Sync>;
+
+pub(crate) struct Store {
+    /// `None` only between dropping a failed handle and a successful reopen.
+    db: RwLock<Option<redb::Database>>,
+    reopen: Reopen,
+    /// A storage operation failed: reopen before the next transaction.
+    failed: AtomicBool,
+    /// `STORAGE_FAILURES` when this store last looked.
+    failures_seen: AtomicU64,
+}
+
+impl Store {
+    pub(crate) fn new(db: redb::Database, reopen: Reopen) -> Self {
+        Store {
+            db: RwLock::new(Some(db)),
+            reopen,
+            failed: AtomicBool::new(false),
+            failures_seen: AtomicU64::new(STORAGE_FAILURES.load(Ordering::Acquire)),
+        }
+    }
+
+    pub(crate) fn begin_write(&self) -> Result<redb::WriteTransaction> {
+        self.with(|db| Ok(db.begin_write()?))
+    }
+
+    pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction> {
+        self.with(|db| {
+            use redb::ReadableDatabase;
+            Ok(db.begin_read()?)
+        })
+    }
+
+    /// Records that an operation on a transaction of this store failed; the next begin
+    /// reopens if it was a storage failure.
+    pub(crate) fn note(&self, err: &Error) {
+        if is_storage_failure(err) {
+            self.failed.store(true, Ordering::Release);
+        }
+    }
+
+    fn with<T>(&self, begin: impl Fn(&redb::Database) -> Result<T>) -> Result<T> {
+        self.probe();
+        if !self.failed.load(Ordering::Acquire)
+            && let Some(db) = self.db.read().as_ref()
+        {
+            match begin(db) {
+                // A failed commit can also leave redb asking to be reopened for repair.
+                Err(e) if is_storage_failure(&e) || matches!(e, Error::Corrupted { .. }) => {
+                    self.failed.store(true, Ordering::Release);
+                }
+                other => return other,
+            }
+        }
+        self.recover()?;
+        match self.db.read().as_ref() {
+            Some(db) => begin(db),
+            None => Err(Error::Storage(PREVIOUS_IO.into())),
+        }
+    }
+
+    /// After a storage failure anywhere in the process, asks this handle whether it latched
+    /// one. Reads alone would not notice: redb checks for a latched failure when a write
+    /// begins, not when a snapshot does.
+    fn probe(&self) {
+        let failures = STORAGE_FAILURES.load(Ordering::Acquire);
+        if self.failures_seen.swap(failures, Ordering::AcqRel) == failures {
+            return;
+        }
+        if let Some(db) = self.db.read().as_ref() {
+            match db.try_begin_write() {
+                // Busy: the writer will meet the failure itself.
+                Ok(_) | Err(redb::TransactionError::WouldBlock) => {}
+                Err(_) => self.failed.store(true, Ordering::Release),
+            }
+        }
+    }
+
+    fn recover(&self) -> Result<()> {
+        let mut slot = self.db.write();
+        if !self.failed.load(Ordering::Acquire) && slot.is_some() {
+            return Ok(()); // another thread reopened it meanwhile
+        }
+        // The old handle must be gone first: it holds the file's lock. A snapshot still alive
+        // keeps it open, and the reopen fails until that snapshot is dropped.
+        drop(slot.take());
+        let db = (self.reopen)()?;
+        *slot = Some(db);
+        self.failed.store(false, Ordering::Release);
+        tracing::info!(target: "mqlite::store", "reopened the database after a storage failure");
+        Ok(())
+    }
+}
+
+/// A backend shared between the successive redb handles of one database.
+#[derive(Debug)]
+pub(crate) struct SharedBackend(pub(crate) std::sync::Arc<dyn redb::StorageBackend>);
+
+type IoResult<T> = std::result::Result<T, std::io::Error>;
+type LockResult<T> = std::result::Result<T, redb::BackendError>;
+type Bound = std::ops::Bound<u64>;
+
+impl redb::StorageBackend for SharedBackend {
+    fn len(&self) -> IoResult<u64> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> IoResult<()> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> IoResult<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> IoResult<()> {
+        self.0.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> IoResult<()> {
+        self.0.write(offset, data)
+    }
+    // `close` stays the default no-op: the next handle still uses the backend, which is
+    // released when the last handle drops it.
+    fn try_lock_range(&self, start: Bound, end: Bound) -> LockResult<bool> {
+        self.0.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(&self, start: Bound, end: Bound) -> LockResult<bool> {
+        self.0.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound, end: Bound) -> LockResult<()> {
+        self.0.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound, end: Bound) -> LockResult<()> {
+        self.0.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound, end: Bound) -> LockResult<()> {
+        self.0.unlock_range(start, end)
+    }
+    fn query_lock_range(&self, start: Bound, end: Bound) -> LockResult<bool> {
+        self.0.query_lock_range(start, end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn previous_io_is_a_storage_failure() {
+        let err = Error::from(redb::StorageError::PreviousIo);
+        assert!(is_storage_failure(&err));
+        assert!(!is_storage_failure(&Error::corrupted("x")));
+    }
+}
