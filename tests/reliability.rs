@@ -13,8 +13,9 @@
 //! one in flight (all or nothing); anything earlier is a loss, anything else is wrong. The
 //! recovered database must then run the rest of the sequence to exactly the final state.
 //!
-//! Soak mode: `MQLITE_RELIABILITY_SCALE=20` multiplies every count, `MQLITE_RELIABILITY_SEED`
-//! moves the seeds.
+//! Soak mode: `MQLITE_RELIABILITY_SCALE=20` multiplies every count, `MQLITE_SOAK_SECONDS=3600`
+//! keeps the power cuts going for an hour, `MQLITE_RELIABILITY_SEED` moves the seeds. Debug
+//! builds (plain `cargo test`) run a smoke-sized version.
 #![allow(clippy::unwrap_used, reason = "a test fails loudly on the first error")]
 
 mod common;
@@ -48,6 +49,13 @@ fn scale() -> f64 {
 
 fn scaled(n: u64) -> u64 {
     ((n as f64) * scale()).ceil().max(1.0) as u64
+}
+
+/// Soak mode: `MQLITE_SOAK_SECONDS` keeps the power-cut family running (with fresh seeds)
+/// until that much time has passed.
+fn soak_deadline() -> Option<std::time::Instant> {
+    let seconds: u64 = std::env::var("MQLITE_SOAK_SECONDS").ok()?.parse().ok()?;
+    Some(std::time::Instant::now() + Duration::from_secs(seconds))
 }
 
 fn seed_base() -> u64 {
@@ -502,7 +510,10 @@ fn power_cuts() {
                 let r = reference(w);
                 let mut cuts = Tally::default();
                 let mut recovery = Tally::default();
-                for n in 0..runs {
+                let deadline = soak_deadline();
+                let mut n = 0;
+                while n < runs || deadline.is_some_and(|d| std::time::Instant::now() < d) {
+                    n += 1;
                     let seed = seed_base() ^ (n << 8) ^ w as u64;
                     // One run in four also crashes inside the recovery.
                     if n % 4 == 3 {
