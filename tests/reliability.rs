@@ -392,6 +392,20 @@ fn check_recovered(
         tally.note(format!("{what}: acked {acked} but recovered {j}"));
         return;
     }
+    // Counts and indexes agree with the entries, every value decodes.
+    match c.db.verify(|_| {}) {
+        Ok(report) if report.problems.is_empty() => {}
+        Ok(report) => {
+            tally.wrong += 1;
+            tally.note(format!("{what}: verify found {:?}", report.problems));
+            return;
+        }
+        Err(e) => {
+            tally.wrong += 1;
+            tally.note(format!("{what}: verify failed: {e}"));
+            return;
+        }
+    }
     if w == Workload::Outbox {
         // Rows no longer pending were confirmed by the broker first.
         let pending: BTreeSet<u128> =
