@@ -229,6 +229,10 @@ pub(crate) fn encode_message(message: &Message) -> Vec<u8> {
 
 /// Writes a message's fields into an envelope of any kind that embeds one.
 pub(crate) fn write_message(w: &mut Writer, message: &Message) {
+    write_message_at(w, message, message.timestamp_ms);
+}
+
+fn write_message_at(w: &mut Writer, message: &Message, timestamp_ms: u64) {
     let flags = if message.key.is_some() {
         FLAG_HAS_KEY
     } else {
@@ -236,7 +240,7 @@ pub(crate) fn write_message(w: &mut Writer, message: &Message) {
     };
     w.u8(flags)
         .u128(message.id.0)
-        .u64(message.timestamp_ms)
+        .u64(timestamp_ms)
         .bytes(message.key.as_deref().unwrap_or_default())
         .bytes(message.routing_key.as_bytes())
         .u32(message.headers.len() as u32);
@@ -290,11 +294,28 @@ pub(crate) fn read_message(r: &mut Reader<'_>) -> Result<Message> {
 pub(crate) fn encode_batch<'m>(
     messages: impl ExactSizeIterator<Item = &'m Message> + Clone,
 ) -> Vec<u8> {
+    encode_batch_stamped(messages, 0)
+}
+
+/// [`encode_batch`], writing `now_ms` as the timestamp of messages whose timestamp is 0 (so
+/// that publishing need not copy them to stamp them).
+pub(crate) fn encode_batch_stamped<'m>(
+    messages: impl ExactSizeIterator<Item = &'m Message> + Clone,
+    now_ms: u64,
+) -> Vec<u8> {
     let size: u64 = messages.clone().map(|m| m.size_bytes() + 48).sum();
     let mut w = Writer::new(Kind::Batch, usize::try_from(size).unwrap_or(0) + 4);
     w.u32(messages.len() as u32);
     for m in messages {
-        write_message(&mut w, m);
+        write_message_at(
+            &mut w,
+            m,
+            if m.timestamp_ms == 0 {
+                now_ms
+            } else {
+                m.timestamp_ms
+            },
+        );
     }
     w.finish()
 }
@@ -316,6 +337,68 @@ pub(crate) fn decode_batch(bytes: &[u8], what: &'static str) -> Result<Vec<Messa
         return Err(Error::corrupted(format!("{what}: empty batch")));
     }
     Ok(out)
+}
+
+/// Decodes up to `max` messages of a record batch after skipping its first `skip` (which are
+/// checked but not copied): a read that starts inside a batch, or stops inside one, decodes
+/// only what it returns.
+pub(crate) fn decode_batch_part(
+    bytes: &[u8],
+    what: &'static str,
+    skip: usize,
+    max: usize,
+) -> Result<Vec<Message>> {
+    let mut r = Reader::open(bytes, Kind::Batch, what)?;
+    let count = r.u32()? as usize;
+    if count == 0 || count > r.remaining() / 45 + 1 {
+        return Err(Error::corrupted(format!("{what}: batch count {count}")));
+    }
+    for _ in 0..skip.min(count) {
+        skip_message(&mut r)?;
+    }
+    let wanted = count.saturating_sub(skip).min(max);
+    let mut out = Vec::with_capacity(wanted);
+    for _ in 0..wanted {
+        out.push(read_message(&mut r)?);
+    }
+    if skip + wanted == count {
+        r.finish()?;
+    }
+    Ok(out)
+}
+
+/// Steps over one message body, checking it as [`read_message`] does, without copying it.
+fn skip_message(r: &mut Reader<'_>) -> Result<()> {
+    let flags = r.u8()?;
+    if flags & !FLAG_HAS_KEY != 0 {
+        return Err(Error::corrupted(format!(
+            "{}: unknown message flags {flags}",
+            r.what
+        )));
+    }
+    r.u128()?;
+    r.u64()?;
+    r.bytes()?;
+    let utf8 = |r: &mut Reader<'_>| -> Result<()> {
+        let what = r.what;
+        std::str::from_utf8(r.bytes()?)
+            .map(|_| ())
+            .map_err(|_| Error::corrupted(format!("{what}: string is not UTF-8")))
+    };
+    utf8(r)?;
+    let count = r.u32()?;
+    if count as usize > r.body.len() / 8 {
+        return Err(Error::corrupted(format!(
+            "{}: header count {count}",
+            r.what
+        )));
+    }
+    for _ in 0..count {
+        utf8(r)?;
+        r.bytes()?;
+    }
+    r.bytes()?;
+    Ok(())
 }
 
 /// The number of messages in a record batch, checksum verified.
@@ -368,6 +451,9 @@ pub(crate) struct TopicRecord {
     pub(crate) next_offset: u64,
     pub(crate) stored_bytes: u64,
     pub(crate) last_append_ms: u64,
+    /// How many bindings route this topic's messages; `None` in records written before the
+    /// count was kept (publish then looks the bindings up).
+    pub(crate) bindings: Option<u32>,
 }
 
 pub(crate) fn encode_topic(t: &TopicRecord) -> Vec<u8> {
@@ -382,6 +468,10 @@ pub(crate) fn encode_topic(t: &TopicRecord) -> Vec<u8> {
         .opt_u64(r.max_messages)
         .opt_u64(r.max_bytes)
         .u8(u8::from(r.until_consumed));
+    // A trailing field: records without it still decode (as `None`).
+    if let Some(count) = t.bindings {
+        w.u32(count);
+    }
     w.finish()
 }
 
@@ -401,6 +491,15 @@ pub(crate) fn decode_topic(bytes: &[u8]) -> Result<TopicRecord> {
                 until_consumed: r.bool()?,
             },
         },
+        bindings: None,
+    };
+    let record = TopicRecord {
+        bindings: if r.remaining() == 0 {
+            None
+        } else {
+            Some(r.u32()?)
+        },
+        ..record
     };
     r.finish()?;
     if record.first_offset > record.next_offset {

@@ -164,6 +164,7 @@ pub fn pattern_matches(pattern: &str, key: &str) -> bool {
 }
 
 /// A topic's bindings, loaded once per publish.
+#[derive(Default)]
 pub(crate) struct Router {
     bindings: Vec<BindingRecord>,
 }
@@ -214,10 +215,12 @@ pub(crate) fn remove_topic_bindings(txn: &WriteTransaction<'_>, topic_id: u64) -
 pub(crate) fn remove_queue_bindings(txn: &WriteTransaction<'_>, queue: &str) -> Result<u64> {
     let mut removed = 0;
     let mut failure = None;
+    let mut topics = std::collections::BTreeSet::new();
     txn.table(BINDINGS)?
-        .retain(|_, value| match codec::decode_binding(value) {
+        .retain(|(topic, _), value| match codec::decode_binding(value) {
             Ok(b) if b.queue == queue => {
                 removed += 1;
+                topics.insert(topic);
                 false
             }
             Ok(_) => true,
@@ -226,10 +229,39 @@ pub(crate) fn remove_queue_bindings(txn: &WriteTransaction<'_>, queue: &str) -> 
                 true
             }
         })?;
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(removed),
+    if let Some(e) = failure {
+        return Err(e);
     }
+    if !topics.is_empty() {
+        let names: Vec<String> = txn
+            .table(TOPICS)?
+            .iter()?
+            .filter_map(|entry| {
+                let (name, value) = entry.ok()?;
+                let record = codec::decode_topic(value.value()).ok()?;
+                topics.contains(&record.id).then(|| name.value().to_owned())
+            })
+            .collect();
+        for name in names {
+            recount(txn, &name)?;
+        }
+    }
+    Ok(removed)
+}
+
+/// Stores in a topic's record how many bindings it has, so that publishing to a topic with
+/// none skips the bindings table.
+fn recount(txn: &WriteTransaction<'_>, topic: &str) -> Result<()> {
+    let mut topics = txn.table(TOPICS)?;
+    let mut record = topic::load(&topics, topic)?;
+    let id = record.id;
+    let count = txn
+        .table(BINDINGS)?
+        .range((id, 0)..=(id, u64::MAX))?
+        .count();
+    record.bindings = Some(u32::try_from(count).unwrap_or(u32::MAX));
+    topics.insert(topic, codec::encode_topic(&record).as_slice())?;
+    Ok(())
 }
 
 /// One binding as listed by [`ReadTransaction::bindings`](crate::ReadTransaction::bindings).
@@ -303,7 +335,8 @@ impl WriteTransaction<'_> {
             rule,
         };
         table.insert((id, last), codec::encode_binding(&record).as_slice())?;
-        Ok(())
+        drop(table);
+        recount(self, topic)
     }
 
     /// Removes a binding; returns whether it existed.
@@ -324,10 +357,13 @@ impl WriteTransaction<'_> {
                 break;
             }
         }
-        match found {
-            Some(key) => Ok(table.remove(key)?.is_some()),
-            None => Ok(false),
-        }
+        let Some(key) = found else {
+            return Ok(false);
+        };
+        table.remove(key)?;
+        drop(table);
+        recount(self, topic)?;
+        Ok(true)
     }
 }
 

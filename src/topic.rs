@@ -194,18 +194,22 @@ pub(crate) fn read_records(
     for entry in log.range((topic.id, first_key)..(topic.id, topic.next_offset))? {
         let (key, value) = entry?;
         let base = key.value().1;
-        for (i, message) in codec::decode_batch(value.value(), "topic log")?
-            .into_iter()
-            .enumerate()
-        {
-            let offset = base + i as u64;
-            if offset < start {
-                continue;
-            }
-            if offset >= topic.next_offset || out.len() == max {
-                return Ok(out);
-            }
-            out.push(Record { offset, message });
+        let skip = start.saturating_sub(base);
+        let room = (max - out.len())
+            .min(usize::try_from(topic.next_offset - base.max(start)).unwrap_or(usize::MAX));
+        let messages = codec::decode_batch_part(
+            value.value(),
+            "topic log",
+            usize::try_from(skip).unwrap_or(usize::MAX),
+            room,
+        )?;
+        let first = base + skip;
+        out.extend(messages.into_iter().enumerate().map(|(i, message)| Record {
+            offset: first + i as u64,
+            message,
+        }));
+        if out.len() == max {
+            break;
         }
     }
     Ok(out)
@@ -265,6 +269,7 @@ impl WriteTransaction<'_> {
             next_offset: 0,
             stored_bytes: 0,
             last_append_ms: 0,
+            bindings: Some(0),
         };
         topics.insert(name, codec::encode_topic(&record).as_slice())?;
         Ok(())
@@ -368,20 +373,27 @@ impl WriteTransaction<'_> {
         // Append time never goes backwards, so the time index stays sorted by offset even when
         // the clock steps back.
         let append_ms = now.max(record.last_append_ms);
-        let router = routing::Router::load(self, record.id)?;
+        // Most topics have no bindings: then the bindings table is not even opened.
+        let router = match record.bindings {
+            Some(0) => routing::Router::default(),
+            _ => routing::Router::load(self, record.id)?,
+        };
         if record.config.retention.keeps_log() {
             let mut log = self.table(LOG)?;
             let mut base = start;
             for chunk in record_batches(messages) {
-                let stamped: Vec<_> = chunk.iter().map(|m| stamped(m, now)).collect();
-                let bytes = codec::encode_batch(stamped.iter().map(|m| m.as_ref()));
+                let bytes = codec::encode_batch_stamped(chunk.iter(), now);
                 record.stored_bytes += bytes.len() as u64;
                 log.insert((record.id, base), bytes.as_slice())?;
                 base += chunk.len() as u64;
             }
-            let mut time = self.table(LOG_TIME)?;
-            if !messages.is_empty() && time.get((record.id, append_ms))?.is_none() {
-                time.insert((record.id, append_ms), start)?;
+            // The time index maps each append millisecond to its first offset; a publish in
+            // the same millisecond as the last one has nothing to add.
+            if !messages.is_empty() && append_ms != record.last_append_ms {
+                let mut time = self.table(LOG_TIME)?;
+                if time.get((record.id, append_ms))?.is_none() {
+                    time.insert((record.id, append_ms), start)?;
+                }
             }
         } else {
             record.first_offset = start + messages.len() as u64;

@@ -749,3 +749,47 @@ fn ack_many_settles_a_batch_or_nothing_when_a_lease_is_stale() {
     db.write(|txn| txn.ack_many(&leases)).unwrap();
     assert_eq!(db.read(|r| r.queue_info("q")).unwrap().depth(), 0);
 }
+
+#[test]
+fn routing_follows_bind_unbind_and_queue_deletion() {
+    use mqlite::{Binding, Message, QueueConfig, TopicConfig};
+    let db = mqlite::Database::in_memory().unwrap();
+    let ready = |q: &str| db.read(|r| r.queue_info(q)).map(|i| i.ready);
+    db.write(|txn| {
+        txn.create_topic("t", TopicConfig::default())?;
+        txn.create_queue("a", QueueConfig::default())?;
+        txn.create_queue("b", QueueConfig::default())?;
+        txn.publish("t", &Message::new("before any binding"))
+    })
+    .unwrap();
+    db.write(|txn| {
+        txn.bind("t", "a", Binding::Fanout)?;
+        txn.bind("t", "b", Binding::Fanout)?;
+        txn.publish("t", &Message::new("to both"))
+    })
+    .unwrap();
+    assert_eq!((ready("a").unwrap(), ready("b").unwrap()), (1, 1));
+    db.write(|txn| txn.delete_queue("b")).unwrap();
+    db.write(|txn| txn.publish("t", &Message::new("to a")))
+        .unwrap();
+    assert_eq!(ready("a").unwrap(), 2);
+    db.write(|txn| txn.unbind("t", "a", &Binding::Fanout))
+        .unwrap();
+    db.write(|txn| txn.publish("t", &Message::new("to nobody")))
+        .unwrap();
+    assert_eq!(ready("a").unwrap(), 2);
+    // A binding made and undone in a failed transaction leaves routing as it was.
+    let failed = db.write(|txn| {
+        txn.bind("t", "a", Binding::Fanout)?;
+        txn.publish("nope", &Message::new("x"))
+    });
+    assert!(failed.is_err());
+    db.write(|txn| txn.publish("t", &Message::new("still nobody")))
+        .unwrap();
+    assert_eq!(ready("a").unwrap(), 2);
+    db.write(|txn| txn.bind("t", "a", Binding::key("k")))
+        .unwrap();
+    db.write(|txn| txn.publish("t", &Message::new("k").with_routing_key("k")))
+        .unwrap();
+    assert_eq!(ready("a").unwrap(), 3);
+}
