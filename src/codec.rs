@@ -611,6 +611,47 @@ pub(crate) struct QueueEntry {
     pub(crate) deaths: Vec<Death>,
 }
 
+/// The fields of a queue entry that say where it stands, without its message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct EntryHead {
+    pub(crate) state: EntryState,
+    pub(crate) priority: u8,
+    pub(crate) delivery_count: u32,
+    pub(crate) due_ms: u64,
+}
+
+impl QueueEntry {
+    pub(crate) fn head(&self) -> EntryHead {
+        EntryHead {
+            state: self.state,
+            priority: self.priority,
+            delivery_count: self.delivery_count,
+            due_ms: self.due_ms,
+        }
+    }
+}
+
+/// Decodes only an entry's [`EntryHead`] (the checksum still covers the whole value), for
+/// settling a lease without copying the message.
+pub(crate) fn decode_entry_head(bytes: &[u8]) -> Result<EntryHead> {
+    let mut r = Reader::open(bytes, Kind::QueueEntry, "queue entry")?;
+    Ok(EntryHead {
+        state: entry_state(r.u8()?)?,
+        priority: r.u8()?,
+        delivery_count: r.u32()?,
+        due_ms: r.u64()?,
+    })
+}
+
+fn entry_state(tag: u8) -> Result<EntryState> {
+    match tag {
+        0 => Ok(EntryState::Ready),
+        1 => Ok(EntryState::Delayed),
+        2 => Ok(EntryState::InFlight),
+        tag => Err(Error::corrupted(format!("queue entry: state {tag}"))),
+    }
+}
+
 fn reason_tag(reason: DeathReason) -> u8 {
     match reason {
         DeathReason::Rejected => 0,
@@ -646,12 +687,7 @@ pub(crate) fn encode_entry(e: &QueueEntry) -> Vec<u8> {
 
 pub(crate) fn decode_entry(bytes: &[u8]) -> Result<QueueEntry> {
     let mut r = Reader::open(bytes, Kind::QueueEntry, "queue entry")?;
-    let state = match r.u8()? {
-        0 => EntryState::Ready,
-        1 => EntryState::Delayed,
-        2 => EntryState::InFlight,
-        tag => return Err(Error::corrupted(format!("queue entry: state {tag}"))),
-    };
+    let state = entry_state(r.u8()?)?;
     let priority = r.u8()?;
     let delivery_count = r.u32()?;
     let due_ms = r.u64()?;

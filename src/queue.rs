@@ -7,7 +7,7 @@
 
 use redb::ReadableTable;
 
-use crate::codec::{self, EntryState, QueueEntry, QueueRecord};
+use crate::codec::{self, EntryHead, EntryState, QueueEntry, QueueRecord};
 use crate::error::{Error, Result};
 use crate::message::{Message, check_message};
 use crate::schema::{QUEUE_ENTRIES, QUEUE_READY, QUEUE_TIMERS, QUEUES, priority_rank};
@@ -410,7 +410,7 @@ impl<'t> QueueOp<'t> {
     }
 
     /// Takes an entry out of whatever index lists it, and out of the counts.
-    fn unlist(&mut self, seq: u64, entry: &QueueEntry) -> Result<()> {
+    fn unlist(&mut self, seq: u64, entry: &EntryHead) -> Result<()> {
         let id = self.id();
         match entry.state {
             EntryState::Ready => {
@@ -464,7 +464,7 @@ impl<'t> QueueOp<'t> {
             let Some(mut entry) = self.get(seq)? else {
                 continue;
             };
-            self.unlist(seq, &entry)?;
+            self.unlist(seq, &entry.head())?;
             entry.state = EntryState::Ready;
             if entry.delivery_count >= self.record.config.max_deliveries {
                 self.dead_letter(seq, entry, DeathReason::DeliveryLimit)?;
@@ -533,7 +533,7 @@ impl<'t> QueueOp<'t> {
             let Some(entry) = self.get(head)? else {
                 return Err(Error::corrupted("queue ready index points at no entry"));
             };
-            self.unlist(head, &entry)?;
+            self.unlist(head, &entry.head())?;
             self.dead_letter(head, entry, DeathReason::MaxLength)?;
         }
         Ok(true)
@@ -545,7 +545,7 @@ impl<'t> QueueOp<'t> {
         let Some(mut entry) = self.get(seq)? else {
             return Err(Error::corrupted("queue ready index points at no entry"));
         };
-        self.unlist(seq, &entry)?;
+        self.unlist(seq, &entry.head())?;
         if entry.expires_ms.is_some_and(|at| at <= self.now_ms) {
             self.dead_letter(seq, entry, DeathReason::Expired)?;
             return Ok(None);
@@ -581,6 +581,25 @@ impl<'t> QueueOp<'t> {
                     && entry.delivery_count == lease.delivery_count =>
             {
                 Ok(entry)
+            }
+            _ => Err(Error::StaleLease {
+                queue: lease.queue.clone(),
+            }),
+        }
+    }
+
+    /// [`QueueOp::leased`] without decoding the message: all an ack needs.
+    fn leased_head(&self, lease: &Lease) -> Result<EntryHead> {
+        let head = match self.entries.get((self.id(), lease.sequence))? {
+            Some(v) => Some(codec::decode_entry_head(v.value())?),
+            None => None,
+        };
+        match head {
+            Some(head)
+                if head.state == EntryState::InFlight
+                    && head.delivery_count == lease.delivery_count =>
+            {
+                Ok(head)
             }
             _ => Err(Error::StaleLease {
                 queue: lease.queue.clone(),
@@ -879,7 +898,7 @@ impl WriteTransaction<'_> {
                         queue: lease.queue.clone(),
                     });
                 }
-                entries.push(op.leased(lease)?);
+                entries.push(op.leased_head(lease)?);
             }
             let id = op.id();
             for (lease, entry) in group.iter().zip(&entries) {
@@ -901,7 +920,7 @@ impl WriteTransaction<'_> {
     pub fn nack(&self, lease: &Lease, action: Nack) -> Result<()> {
         let mut op = QueueOp::open(self, &lease.queue)?;
         let mut entry = op.leased(lease)?;
-        op.unlist(lease.sequence, &entry)?;
+        op.unlist(lease.sequence, &entry.head())?;
         let exhausted = entry.delivery_count >= op.record.config.max_deliveries;
         match action {
             Nack::DeadLetter => {
@@ -940,7 +959,7 @@ impl WriteTransaction<'_> {
         }
         let mut op = QueueOp::open(self, &lease.queue)?;
         let mut entry = op.leased(lease)?;
-        op.unlist(lease.sequence, &entry)?;
+        op.unlist(lease.sequence, &entry.head())?;
         entry.due_ms = op.now_ms.saturating_add(lease_ms);
         op.list(lease.sequence, &entry)?;
         op.store(self)?;
@@ -976,7 +995,7 @@ impl WriteTransaction<'_> {
             if source == dead_letter_queue || queues.get(source.as_str())?.is_none() {
                 continue;
             }
-            op.unlist(seq, &entry)?;
+            op.unlist(seq, &entry.head())?;
             op.entries.remove((id, seq))?;
             targets.push((source, entry));
         }
@@ -1019,7 +1038,7 @@ impl WriteTransaction<'_> {
             if entry.state == EntryState::InFlight {
                 continue;
             }
-            op.unlist(seq, &entry)?;
+            op.unlist(seq, &entry.head())?;
             op.entries.remove((id, seq))?;
             purged += 1;
         }
