@@ -11,7 +11,9 @@ use crate::db::{Builder, Database};
 use crate::error::{Error, Result, guard_damage, open_error};
 use crate::outbox::OutboxInfo;
 use crate::queue::QueueInfo;
-use crate::schema::{BINDINGS, DEDUP, LOG, OUTBOX, OUTBOX_PARKED, QUEUE_ENTRIES, QUEUES, TOPICS};
+use crate::schema::{
+    BINDINGS, DEDUP, LOG, META, META_FORMAT, OUTBOX, OUTBOX_PARKED, QUEUE_ENTRIES, QUEUES, TOPICS,
+};
 use crate::topic::{GroupInfo, TopicInfo};
 use crate::txn::ReadTransaction;
 
@@ -106,6 +108,18 @@ impl ReadTransaction {
             dedup_entries: self.table(DEDUP)?.len()?,
             commits: CommitMetrics::default(),
         })
+    }
+
+    /// The file's format version (see `docs/format.md`).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors, [`Error::Corrupted`].
+    pub fn format_version(&self) -> Result<u32> {
+        match self.table(META)?.get(META_FORMAT)? {
+            Some(v) => codec::decode_u32(v.value(), "meta format_version"),
+            None => Err(Error::corrupted("the meta table has no format version")),
+        }
     }
 
     /// Decodes every mqlite value (checksums included) and checks that the counts agree with

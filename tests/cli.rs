@@ -252,6 +252,7 @@ fn manage_publish_tail_receive_and_settle() {
     assert_eq!(rest[0]["offset"], 2);
 
     let info = json(&["info", f]);
+    assert_eq!(info["format_version"], 1);
     assert_eq!(info["topics"][0]["groups"][0]["lag"], 0);
     let jobs = info["queues"]
         .as_array()
@@ -290,6 +291,24 @@ fn manage_publish_tail_receive_and_settle() {
         .unwrap();
     assert_eq!(jobs["delayed"], 1);
 
+    // A headers binding: any of region=eu or a "vip" header at all.
+    json(&["queue", "create", f, "vip"]);
+    let any = ["--header", "region=eu", "--header", "vip", "--match", "any"];
+    json(&[&["bind", f, "events", "vip"][..], &any[..]].concat());
+    json(&["publish", f, "events", "x", "--header", "vip=1"]);
+    json(&["publish", f, "events", "y", "--header", "region=us"]);
+    let queues = json(&["queue", "list", f]);
+    let vip = queues
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "vip")
+        .unwrap();
+    assert_eq!(vip["ready"], 1);
+    assert_eq!(
+        json(&[&["unbind", f, "events", "vip"][..], &any[..]].concat())["changed"],
+        true
+    );
     json(&["unbind", f, "events", "jobs", "orders.*.eu"]);
     json(&["queue", "delete", f, "jobs"]);
     json(&["topic", "delete", f, "events"]);

@@ -280,6 +280,13 @@ struct BindArgs {
     /// Route every message (a fanout exchange); no pattern.
     #[arg(long)]
     fanout: bool,
+    /// Match headers instead (a headers exchange): NAME=VALUE, or NAME for any value; repeat
+    /// for more. No pattern.
+    #[arg(long = "header", value_name = "NAME[=VALUE]", conflicts_with_all = ["key", "fanout"])]
+    headers: Vec<String>,
+    /// With --header: whether all the headers must match, or any one.
+    #[arg(long = "match", value_name = "all|any", default_value = "all")]
+    match_mode: String,
 }
 
 #[derive(Args)]
@@ -707,14 +714,19 @@ fn print_queues(m: &Metrics) {
 
 fn info(file: &Path, out: &Out) -> Result<(), Error> {
     let db = open_ro(file)?;
-    let m = db.begin_read()?.metrics(now_ms())?;
+    let snapshot = db.begin_read()?;
+    let m = snapshot.metrics(now_ms())?;
+    let version = snapshot.format_version()?;
     let size = std::fs::metadata(file)?.len();
     let mut value = metrics_json(&m);
     value["file"] = json!(file);
     value["size_bytes"] = json!(size);
-    value["format_version"] = json!(1);
+    value["format_version"] = json!(version);
     out.emit(&value, || {
-        println!("{} ({size} bytes, format version 1)\n", file.display());
+        println!(
+            "{} ({size} bytes, format version {version})\n",
+            file.display()
+        );
         print_topics(&m);
         println!();
         print_queues(&m);
@@ -827,16 +839,42 @@ fn queue(command: QueueCommand, out: &Out) -> Result<(), Error> {
 }
 
 fn bind(a: BindArgs, add: bool, out: &Out) -> Result<(), Error> {
-    let rule = match (a.fanout, a.key, a.pattern) {
-        (true, _, None) => Binding::Fanout,
-        (true, _, Some(_)) => {
-            return Err(Error::InvalidConfig("--fanout takes no pattern".into()));
+    let rule = if a.headers.is_empty() {
+        match (a.fanout, a.key, a.pattern) {
+            (true, _, None) => Binding::Fanout,
+            (true, _, Some(_)) => {
+                return Err(Error::InvalidConfig("--fanout takes no pattern".into()));
+            }
+            (false, true, Some(k)) => Binding::Key(k),
+            (false, false, Some(p)) => Binding::Pattern(p),
+            (false, _, None) => {
+                return Err(Error::InvalidConfig(
+                    "give a pattern, --fanout or --header".into(),
+                ));
+            }
         }
-        (false, true, Some(k)) => Binding::Key(k),
-        (false, false, Some(p)) => Binding::Pattern(p),
-        (false, _, None) => {
-            return Err(Error::InvalidConfig("give a pattern, or --fanout".into()));
+    } else {
+        if a.pattern.is_some() {
+            return Err(Error::InvalidConfig("--header takes no pattern".into()));
         }
+        let mode = match a.match_mode.as_str() {
+            "all" => mqlite::HeaderMatch::All,
+            "any" => mqlite::HeaderMatch::Any,
+            other => {
+                return Err(Error::InvalidConfig(format!(
+                    "--match {other:?}: not all or any"
+                )));
+            }
+        };
+        let headers = a
+            .headers
+            .iter()
+            .map(|h| match h.split_once('=') {
+                Some((name, value)) => (name.to_owned(), Some(value.as_bytes().to_vec())),
+                None => (h.clone(), None),
+            })
+            .collect();
+        Binding::Headers { mode, headers }
     };
     let db = open_rw(&a.file, false)?;
     let changed = db.write(|txn| {
