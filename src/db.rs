@@ -412,17 +412,20 @@ impl Builder {
             notifier: Arc::new(Notifier::default()),
             shares_file: self.concurrency != redb::ConcurrencyMode::ExclusiveWriter,
             dirty: AtomicBool::new(false),
-            flusher: Mutex::new(None),
             group: GroupCommit::default(),
             counters: Counters::default(),
             opened: Instant::now(),
         });
         shared.clock.subscribe(Waker::from(shared.notifier.clone()));
+        let handles = Arc::new(Handles::default());
         if self.durability == Durability::Relaxed {
             let handle = spawn_flusher(&shared, self.flush_interval_ms)?;
-            *shared.flusher.lock() = Some(handle);
+            *handles.flusher.lock() = Some(handle);
         }
-        Ok(Database { shared })
+        Ok(Database {
+            _handles: handles,
+            shared,
+        })
     }
 }
 
@@ -552,7 +555,6 @@ pub(crate) struct Shared {
     pub(crate) shares_file: bool,
     /// Relaxed commits not yet made durable.
     dirty: AtomicBool,
-    flusher: Mutex<Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>>,
     /// Coalesces concurrent durable writes into one transaction and one fsync.
     pub(crate) group: GroupCommit,
     /// Commit counters for [`Database::metrics`].
@@ -604,7 +606,15 @@ impl Shared {
     }
 }
 
-impl Drop for Shared {
+/// Lives as long as the user's handles: the last one to drop stops and joins the flusher
+/// before the shared state goes, so that the file is closed (and a reopen can follow) on the
+/// thread that dropped it, never later on the flusher's.
+#[derive(Default)]
+pub(crate) struct Handles {
+    flusher: Mutex<Option<(crossbeam_channel::Sender<()>, JoinHandle<()>)>>,
+}
+
+impl Drop for Handles {
     fn drop(&mut self) {
         if let Some((stop, handle)) = self.flusher.lock().take() {
             drop(stop);
@@ -612,6 +622,11 @@ impl Drop for Shared {
                 let _ = handle.join();
             }
         }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
         if self.dirty.load(Ordering::Acquire) {
             // Best effort on a clean close; an error here has no one to report to, and the
             // commits it would have made durable are still durable against a process crash.
@@ -668,6 +683,8 @@ fn spawn_flusher(
 /// ```
 #[derive(Clone)]
 pub struct Database {
+    // Dropped first: see `Handles`.
+    _handles: Arc<Handles>,
     pub(crate) shared: Arc<Shared>,
 }
 

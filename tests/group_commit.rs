@@ -158,3 +158,27 @@ fn a_panicking_closure_panics_its_own_caller_only() {
     db.write(|txn| txn.publish("t", &Message::new("after")))
         .unwrap();
 }
+
+/// With relaxed durability a flusher thread runs; dropping the last handle must close the file
+/// before returning, so that it can be opened again at once.
+#[test]
+fn relaxed_file_reopens_right_after_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relaxed.mqlite");
+    for i in 0..100u64 {
+        let db = mqlite::Database::builder()
+            .durability(mqlite::Durability::Relaxed)
+            .flush_interval_ms(1)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("reopen {i}: {e}"));
+        db.write(|txn| {
+            txn.ensure_topic("t", mqlite::TopicConfig::default())?;
+            txn.publish("t", &mqlite::Message::new(i.to_le_bytes().to_vec()))
+        })
+        .unwrap();
+        // Let the flusher be mid-flush now and then when the handle drops.
+        std::thread::sleep(std::time::Duration::from_micros(i % 7 * 300));
+    }
+    let db = mqlite::Database::open(&path).unwrap();
+    assert_eq!(db.read(|r| r.topic_info("t")).unwrap().next_offset, 100);
+}
