@@ -182,7 +182,8 @@ impl Builder {
     /// Verifies every page checksum of the file when it opens (redb's integrity check), so
     /// that damage to the medium (a flipped bit, a bad sector) in any table, the
     /// application's included, is found before anything is read. Default off: it reads the
-    /// whole file, which costs time proportional to its size at every open. Without it, every
+    /// whole file at every open (measured: 190 ms for a 544 MiB file in the OS page cache, more
+    /// from a cold disk). Without it, every
     /// mqlite value still carries its own checksum, but keys and plain integers (group
     /// offsets, dedup expiry times, the application's tables) are only checked by
     /// [`Builder::check`] (`mqlite check`).
