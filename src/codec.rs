@@ -341,13 +341,13 @@ pub(crate) fn decode_batch(bytes: &[u8], what: &'static str) -> Result<Vec<Messa
 
 /// Decodes up to `max` messages of a record batch after skipping its first `skip` (which are
 /// checked but not copied): a read that starts inside a batch, or stops inside one, decodes
-/// only what it returns.
+/// only what it returns. Returns the batch's message count too.
 pub(crate) fn decode_batch_part(
     bytes: &[u8],
     what: &'static str,
     skip: usize,
     max: usize,
-) -> Result<Vec<Message>> {
+) -> Result<(usize, Vec<Message>)> {
     let mut r = Reader::open(bytes, Kind::Batch, what)?;
     let count = r.u32()? as usize;
     if count == 0 || count > r.remaining() / 45 + 1 {
@@ -364,7 +364,7 @@ pub(crate) fn decode_batch_part(
     if skip + wanted == count {
         r.finish()?;
     }
-    Ok(out)
+    Ok((count, out))
 }
 
 /// Steps over one message body, checking it as [`read_message`] does, without copying it.

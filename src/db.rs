@@ -103,7 +103,8 @@ pub struct Builder {
     flush_interval_ms: u64,
     concurrency: redb::ConcurrencyMode,
     create_hook: Option<CreateHook>,
-    verify_on_open: bool,
+    /// `None`: on in the `ExclusiveWriter` mode.
+    verify_on_open: Option<bool>,
 }
 
 impl Default for Builder {
@@ -116,7 +117,7 @@ impl Default for Builder {
             flush_interval_ms: 10,
             concurrency: redb::ConcurrencyMode::ExclusiveWriter,
             create_hook: None,
-            verify_on_open: false,
+            verify_on_open: None,
         }
     }
 }
@@ -181,16 +182,22 @@ impl Builder {
 
     /// Verifies every page checksum of the file when it opens (redb's integrity check), so
     /// that damage to the medium (a flipped bit, a bad sector) in any table, the
-    /// application's included, is found before anything is read. Default off: it reads the
-    /// whole file at every open (measured: 190 ms for a 544 MiB file in the OS page cache, more
-    /// from a cold disk). Without it, every
-    /// mqlite value still carries its own checksum, but keys and plain integers (group
-    /// offsets, dedup expiry times, the application's tables) are only checked by
-    /// [`Builder::check`] (`mqlite check`).
+    /// application's included, is found before anything is read.
     ///
-    /// A file that fails the check is refused with [`Error::Corrupted`].
+    /// Default **on** in the default `ExclusiveWriter` mode, off in the shared modes (the
+    /// check may repair, which needs the file to itself). It reads the whole file at every
+    /// open: measured 190 ms for a 544 MiB file in the OS page cache, more from a cold disk;
+    /// turn it off where open time matters more. Without it, every mqlite value still carries
+    /// its own checksum, but keys and plain integers (offsets in keys, group offsets, dedup
+    /// expiry times, the application's tables) are not checked until [`Builder::check`]
+    /// (`mqlite check`), and some damaged pages make redb itself panic, or abort the process
+    /// when a second panic follows in a destructor (seen in the bit-flip tests).
+    ///
+    /// A file that fails the check is refused with [`Error::Corrupted`]. The check has then
+    /// already let redb repair the file to its last intact commit: opening it again opens that
+    /// state, which may lack the commits the damage destroyed.
     pub fn verify_on_open(&mut self, verify: bool) -> &mut Self {
-        self.verify_on_open = verify;
+        self.verify_on_open = Some(verify);
         self
     }
 
@@ -391,9 +398,12 @@ impl Builder {
         path: Option<PathBuf>,
         init_if_empty: bool,
     ) -> Result<Database> {
-        if self.verify_on_open && !db.check_integrity().map_err(Error::from)? {
+        let verify = self
+            .verify_on_open
+            .unwrap_or(self.concurrency == redb::ConcurrencyMode::ExclusiveWriter);
+        if verify && !db.check_integrity().map_err(Error::from)? {
             return Err(Error::corrupted(
-                "the integrity check found damaged pages (redb rolled back to the last intact commit; run `mqlite check`)",
+                "the integrity check found damaged pages; redb repaired the file to its last intact commit, which the next open will use",
             ));
         }
         {

@@ -192,8 +192,11 @@ fn export_snapshot(
         let mut from = t.first_offset;
         loop {
             let records = snapshot.read_topic(&t.name, from, CHUNK)?;
-            let Some(last) = records.last() else { break };
-            from = last.offset + 1;
+            // A damaged key could put the last offset at u64::MAX: stop there, never wrap.
+            let Some(next) = records.last().and_then(|r| r.offset.checked_add(1)) else {
+                break;
+            };
+            from = next;
             for record in records {
                 w.line(json!({
                     "type": "record", "topic": t.name, "offset": record.offset,
@@ -224,8 +227,10 @@ fn export_snapshot(
         let mut from = 0;
         loop {
             let held = snapshot.browse_queue(&q.name, from, CHUNK)?;
-            let Some(last) = held.last() else { break };
-            from = last.sequence + 1;
+            let Some(next) = held.last().and_then(|m| m.sequence.checked_add(1)) else {
+                break;
+            };
+            from = next;
             for m in held {
                 w.line(entry_json(&q.name, &m))?;
                 w.report.entries += 1;

@@ -1161,14 +1161,24 @@ impl ReadTransaction {
     ) -> Result<Vec<QueuedMessage>> {
         let record = load(&self.table(QUEUES)?, queue)?;
         let entries = self.table(QUEUE_ENTRIES)?;
-        let mut out = Vec::new();
+        let mut out: Vec<QueuedMessage> = Vec::new();
         for entry in entries
             .range((record.id, from_sequence)..=(record.id, u64::MAX))?
             .take(max)
         {
             let (key, value) = entry?;
+            let (queue_id, sequence) = key.value();
+            // A damaged key can break the tree's order; report it rather than loop on it.
+            if queue_id != record.id
+                || sequence < from_sequence
+                || out.last().is_some_and(|m| m.sequence >= sequence)
+            {
+                return Err(Error::corrupted(format!(
+                    "queue {queue:?}: entry keys out of order at {sequence}"
+                )));
+            }
             out.push(QueuedMessage::from_entry(
-                key.value().1,
+                sequence,
                 codec::decode_entry(value.value())?,
             ));
         }

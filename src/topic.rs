@@ -191,26 +191,51 @@ pub(crate) fn read_records(
         Some(entry) => entry?.0.value().1,
         None => start,
     };
+    // Batches follow each other without gap or overlap; a key that says otherwise is damage,
+    // reported rather than read as wrong offsets.
+    let corrupted = |what: String| Error::corrupted(format!("topic log: {what}"));
+    let mut expected = None;
     for entry in log.range((topic.id, first_key)..(topic.id, topic.next_offset))? {
         let (key, value) = entry?;
         let base = key.value().1;
+        match expected {
+            Some(e) if base != e => {
+                return Err(corrupted(format!("batch at {base} where {e} was expected")));
+            }
+            None if base > start => {
+                return Err(corrupted(format!("no batch holds offset {start}")));
+            }
+            _ => {}
+        }
         let skip = start.saturating_sub(base);
         let room = (max - out.len())
             .min(usize::try_from(topic.next_offset - base.max(start)).unwrap_or(usize::MAX));
-        let messages = codec::decode_batch_part(
+        let (count, messages) = codec::decode_batch_part(
             value.value(),
             "topic log",
             usize::try_from(skip).unwrap_or(usize::MAX),
             room,
         )?;
+        if skip >= count as u64 {
+            return Err(corrupted(format!(
+                "the batch at {base} ends before {start}"
+            )));
+        }
+        expected = Some(base + count as u64);
         let first = base + skip;
         out.extend(messages.into_iter().enumerate().map(|(i, message)| Record {
             offset: first + i as u64,
             message,
         }));
         if out.len() == max {
-            break;
+            return Ok(out);
         }
+    }
+    if expected.is_none_or(|e| e < topic.next_offset) {
+        return Err(corrupted(format!(
+            "records end before the topic's end {}",
+            topic.next_offset
+        )));
     }
     Ok(out)
 }
