@@ -583,11 +583,7 @@ impl Shared {
         } else {
             redb::Durability::Immediate
         })?;
-        txn.commit().map_err(|e| {
-            let e = Error::from(e);
-            self.store.note(&e);
-            e
-        })?;
+        self.store.commit(txn)?;
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
         if relaxed {
             self.dirty.store(true, Ordering::Release);
@@ -606,11 +602,7 @@ impl Shared {
         self.dirty.store(false, Ordering::Release);
         let mut txn = txn;
         txn.set_durability(redb::Durability::Immediate)?;
-        txn.commit().map_err(|e| {
-            let e = Error::from(e);
-            self.store.note(&e);
-            e
-        })?;
+        self.store.commit(txn)?;
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         tracing::trace!(target: "mqlite::commit", "flushed relaxed commits");
         Ok(())

@@ -757,6 +757,19 @@ pub(crate) fn message_json(m: &Message) -> Value {
     })
 }
 
+/// A header as exported: `[name, value]`.
+fn header_pair(h: &Value) -> Result<(String, &Value)> {
+    match h.as_array().map(Vec::as_slice) {
+        Some([name, value]) => Ok((
+            name.as_str()
+                .ok_or_else(|| Error::InvalidConfig("header name is not a string".into()))?
+                .to_owned(),
+            value,
+        )),
+        _ => Err(Error::InvalidConfig("a header is not [name, value]".into())),
+    }
+}
+
 fn parse_id(s: &str) -> Result<MessageId> {
     s.parse()
         .map_err(|_| Error::InvalidConfig(format!("bad message id {s:?}")))
@@ -766,15 +779,8 @@ fn message_from(value: &Value) -> Result<Message> {
     let obj = Obj::of(value)?;
     let mut headers = Vec::new();
     for h in obj.array("headers")? {
-        match h.as_array().map(Vec::as_slice) {
-            Some([name, value]) => headers.push((
-                name.as_str()
-                    .ok_or_else(|| Error::InvalidConfig("header name is not a string".into()))?
-                    .to_owned(),
-                bytes_from(value)?,
-            )),
-            _ => return Err(Error::InvalidConfig("a header is not [name, value]".into())),
-        }
+        let (name, value) = header_pair(h)?;
+        headers.push((name, bytes_from(value)?));
     }
     Ok(Message {
         id: parse_id(obj.str("id")?)?,
@@ -862,18 +868,14 @@ fn binding_from(value: &Value) -> Result<Binding> {
     };
     let mut headers = Vec::new();
     for h in obj.array("headers")? {
-        match h.as_array().map(Vec::as_slice) {
-            Some([name, value]) => headers.push((
-                name.as_str()
-                    .ok_or_else(|| Error::InvalidConfig("header name is not a string".into()))?
-                    .to_owned(),
-                match value {
-                    Value::Null => None,
-                    v => Some(bytes_from(v)?),
-                },
-            )),
-            _ => return Err(Error::InvalidConfig("a header is not [name, value]".into())),
-        }
+        let (name, value) = header_pair(h)?;
+        headers.push((
+            name,
+            match value {
+                Value::Null => None,
+                v => Some(bytes_from(v)?),
+            },
+        ));
     }
     Ok(Binding::Headers { mode, headers })
 }

@@ -47,12 +47,15 @@ impl Store {
         })
     }
 
-    /// Records that an operation on a transaction of this store failed; the next begin
-    /// reopens if it was a storage failure.
-    pub(crate) fn note(&self, err: &Error) {
-        if is_storage_failure(err) {
-            self.failed.store(true, Ordering::Release);
-        }
+    /// Commits `txn`; after a storage failure the next transaction reopens the handle.
+    pub(crate) fn commit(&self, txn: redb::WriteTransaction) -> Result<()> {
+        txn.commit().map_err(|e| {
+            let e = Error::from(e);
+            if is_storage_failure(&e) {
+                self.failed.store(true, Ordering::Release);
+            }
+            e
+        })
     }
 
     fn with<T>(&self, begin: impl Fn(&redb::Database) -> Result<T>) -> Result<T> {
@@ -79,8 +82,11 @@ impl Store {
     /// one. Reads alone would not notice: redb checks for a latched failure when a write
     /// begins, not when a snapshot does.
     fn probe(&self) {
+        // A plain load on the common path: no write to a shared cache line per transaction.
         let failures = STORAGE_FAILURES.load(Ordering::Acquire);
-        if self.failures_seen.swap(failures, Ordering::AcqRel) == failures {
+        if self.failures_seen.load(Ordering::Acquire) == failures
+            || self.failures_seen.swap(failures, Ordering::AcqRel) == failures
+        {
             return;
         }
         if let Some(db) = self.db.read().as_ref() {
