@@ -643,6 +643,31 @@ pub(crate) fn decode_entry_head(bytes: &[u8]) -> Result<EntryHead> {
     })
 }
 
+/// Rewrites an encoded entry with a new [`EntryHead`] (the checksum is checked, then
+/// recomputed): a state change copies the stored bytes instead of decoding and re-encoding the
+/// message. The head fields sit at fixed places at the front of the body.
+pub(crate) fn restate_entry(bytes: &[u8], head: EntryHead) -> Result<Vec<u8>> {
+    // Checks the checksum and that the head fields are there.
+    decode_entry_head(bytes)?;
+    let mut out = bytes.to_vec();
+    let body = &mut out[HEADER_BYTES..];
+    body[0] = state_tag(head.state);
+    body[1] = head.priority;
+    body[2..6].copy_from_slice(&head.delivery_count.to_le_bytes());
+    body[6..14].copy_from_slice(&head.due_ms.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..2]), &out[HEADER_BYTES..]);
+    out[2..HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
+fn state_tag(state: EntryState) -> u8 {
+    match state {
+        EntryState::Ready => 0,
+        EntryState::Delayed => 1,
+        EntryState::InFlight => 2,
+    }
+}
+
 fn entry_state(tag: u8) -> Result<EntryState> {
     match tag {
         0 => Ok(EntryState::Ready),
@@ -663,17 +688,13 @@ fn reason_tag(reason: DeathReason) -> u8 {
 
 pub(crate) fn encode_entry(e: &QueueEntry) -> Vec<u8> {
     let mut w = Writer::new(Kind::QueueEntry, e.message.size_bytes() as usize + 96);
-    w.u8(match e.state {
-        EntryState::Ready => 0,
-        EntryState::Delayed => 1,
-        EntryState::InFlight => 2,
-    })
-    .u8(e.priority)
-    .u32(e.delivery_count)
-    .u64(e.due_ms)
-    .u64(e.enqueued_ms)
-    .opt_u64(e.expires_ms)
-    .u32(e.deaths.len() as u32);
+    w.u8(state_tag(e.state))
+        .u8(e.priority)
+        .u32(e.delivery_count)
+        .u64(e.due_ms)
+        .u64(e.enqueued_ms)
+        .opt_u64(e.expires_ms)
+        .u32(e.deaths.len() as u32);
     for d in &e.deaths {
         w.bytes(d.queue.as_bytes())
             .u8(reason_tag(d.reason))

@@ -575,6 +575,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn commit(&self, txn: WriteTransaction<'_>, durability: Durability) -> Result<()> {
+        crate::queue::write_leases(&txn)?;
         let published = txn.published();
         let (mut txn, _) = txn.into_inner();
         let relaxed = durability == Durability::Relaxed;

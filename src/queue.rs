@@ -3,8 +3,12 @@
 //! Every entry is in exactly one state: ready (listed in `QUEUE_READY`), delayed or in flight
 //! (listed in `QUEUE_TIMERS` under the time it comes due). Receive first moves due timers back
 //! to ready (a delay ran out, or a lease expired), then leases the first ready entries. The
-//! delivery count is written in the same commit that hands the entry out.
+//! delivery count is written in the same commit that hands the entry out; a lease settled in
+//! the transaction that granted it is never written at all (see [`UnwrittenLeases`]).
 
+use std::collections::BTreeMap;
+
+use parking_lot::Mutex;
 use redb::ReadableTable;
 
 use crate::codec::{self, EntryHead, EntryState, QueueEntry, QueueRecord};
@@ -348,6 +352,45 @@ struct QueueOp<'t> {
     now_ms: u64,
     /// Entries bound for another queue, inserted by `store` once these tables are closed.
     dead_letters: Vec<(String, QueueEntry)>,
+    /// The transaction's leases not yet written to `entries` and `timers`.
+    unwritten: &'t Mutex<UnwrittenLeases>,
+}
+
+/// Leases granted by a transaction and not yet written to its entries and timers.
+///
+/// A receive takes its entries out of the ready index and counts them in flight at once, but
+/// writes their new state (in flight, delivery count, lease expiry, timer) only when the
+/// transaction commits, or before an operation that reads that state. A receive and an ack in
+/// the same transaction (the consume pattern, and [`Database::process_queue`]) then never write
+/// the lease at all: the ack deletes the entry and the lease is forgotten. Nothing outside the
+/// transaction can see the difference, since nothing outside sees it before it commits.
+///
+/// [`Database::process_queue`]: crate::Database::process_queue
+#[derive(Default)]
+pub(crate) struct UnwrittenLeases(BTreeMap<(u64, u64), EntryHead>);
+
+/// Writes the transaction's unwritten leases: each entry's new head and its lease timer.
+/// Called before commit and before any operation that reads or replaces in-flight entries.
+pub(crate) fn write_leases(txn: &WriteTransaction<'_>) -> Result<()> {
+    let leases = std::mem::take(&mut *txn.unwritten_leases.lock());
+    if leases.0.is_empty() {
+        return Ok(());
+    }
+    let mut entries = txn.table(QUEUE_ENTRIES)?;
+    let mut timers = txn.table(QUEUE_TIMERS)?;
+    for ((id, seq), head) in leases.0 {
+        let bytes = match entries.get((id, seq))? {
+            Some(v) => codec::restate_entry(v.value(), head)?,
+            None => {
+                return Err(Error::corrupted(
+                    "a leased queue entry vanished before commit",
+                ));
+            }
+        };
+        entries.insert((id, seq), bytes.as_slice())?;
+        timers.insert((id, head.due_ms, seq), ())?;
+    }
+    Ok(())
 }
 
 impl<'t> QueueOp<'t> {
@@ -361,6 +404,7 @@ impl<'t> QueueOp<'t> {
             timers: txn.table(QUEUE_TIMERS)?,
             now_ms: txn.now_ms(),
             dead_letters: Vec::new(),
+            unwritten: &txn.unwritten_leases,
         })
     }
 
@@ -374,6 +418,7 @@ impl<'t> QueueOp<'t> {
             ready,
             timers,
             now_ms: _,
+            unwritten: _,
         } = self;
         // Another queue's operation opens the same tables: close them first.
         drop((entries, ready, timers));
@@ -539,13 +584,19 @@ impl<'t> QueueOp<'t> {
         Ok(true)
     }
 
-    /// Leases the ready entry `seq`, or dead-letters it when it expired or used up its
-    /// deliveries (then returns `None`).
+    /// Leases the ready entry `seq`, which the caller took out of the ready index and the
+    /// ready count, or dead-letters it when it expired or used up its deliveries (then returns
+    /// `None`). The lease itself is written at commit (see [`UnwrittenLeases`]).
     fn lease(&mut self, seq: u64, queue: &str) -> Result<Option<Delivery>> {
-        let Some(mut entry) = self.get(seq)? else {
-            return Err(Error::corrupted("queue ready index points at no entry"));
+        let mut entry = match self.get(seq)? {
+            Some(entry) if entry.state == EntryState::Ready => entry,
+            Some(_) => {
+                return Err(Error::corrupted(
+                    "queue ready index lists an entry not ready",
+                ));
+            }
+            None => return Err(Error::corrupted("queue ready index points at no entry")),
         };
-        self.unlist(seq, &entry.head())?;
         if entry.expires_ms.is_some_and(|at| at <= self.now_ms) {
             self.dead_letter(seq, entry, DeathReason::Expired)?;
             return Ok(None);
@@ -557,7 +608,11 @@ impl<'t> QueueOp<'t> {
         entry.delivery_count += 1;
         entry.state = EntryState::InFlight;
         entry.due_ms = self.now_ms.saturating_add(self.record.config.lease_ms);
-        self.list(seq, &entry)?;
+        self.record.in_flight += 1;
+        self.unwritten
+            .lock()
+            .0
+            .insert((self.id(), seq), entry.head());
         Ok(Some(Delivery {
             lease: Lease {
                 queue: queue.to_owned(),
@@ -755,6 +810,7 @@ impl WriteTransaction<'_> {
     ///
     /// [`Error::UnknownQueue`]; [`Error::QueueInUse`] while another queue dead-letters into it.
     pub fn delete_queue(&self, name: &str) -> Result<()> {
+        write_leases(self)?;
         let mut queues = self.table(QUEUES)?;
         let record = load(&queues, name)?;
         for entry in queues.iter()? {
@@ -841,13 +897,14 @@ impl WriteTransaction<'_> {
             // so another round may follow.
             let heads: Vec<u64> = op
                 .ready
-                .range((id, 0, 0)..=(id, u8::MAX, u64::MAX))?
+                .extract_from_if((id, 0, 0)..=(id, u8::MAX, u64::MAX), |_, _| true)?
                 .take(max - out.len())
                 .map(|e| e.map(|(k, _)| k.value().2))
                 .collect::<Result<_, _>>()?;
             if heads.is_empty() {
                 break;
             }
+            op.record.ready -= heads.len() as u64;
             for head in heads {
                 if let Some(delivery) = op.lease(head, queue)? {
                     out.push(delivery);
@@ -890,20 +947,43 @@ impl WriteTransaction<'_> {
                     .count();
             let group = &leases[start..end];
             let mut op = QueueOp::open(self, queue)?;
-            let mut entries = Vec::with_capacity(group.len());
-            let mut seen = std::collections::HashSet::with_capacity(group.len());
-            for lease in group {
-                if !seen.insert(lease.sequence) {
-                    return Err(Error::StaleLease {
-                        queue: lease.queue.clone(),
-                    });
-                }
-                entries.push(op.leased_head(lease)?);
-            }
             let id = op.id();
-            for (lease, entry) in group.iter().zip(&entries) {
-                op.unlist(lease.sequence, entry)?;
-                op.entries.remove((id, lease.sequence))?;
+            // Leases from earlier commits, with their stored heads; and leases granted by
+            // this transaction, which were never written.
+            let mut written = Vec::with_capacity(group.len());
+            let mut unwritten = Vec::new();
+            let mut seen = std::collections::HashSet::with_capacity(group.len());
+            {
+                let leases = op.unwritten.lock();
+                for lease in group {
+                    let stale = || Error::StaleLease {
+                        queue: lease.queue.clone(),
+                    };
+                    if !seen.insert(lease.sequence) {
+                        return Err(stale());
+                    }
+                    match leases.0.get(&(id, lease.sequence)) {
+                        Some(head) if head.delivery_count == lease.delivery_count => {
+                            unwritten.push(lease.sequence);
+                        }
+                        Some(_) => return Err(stale()),
+                        None => written.push((lease.sequence, op.leased_head(lease)?)),
+                    }
+                }
+            }
+            for (seq, head) in &written {
+                op.unlist(*seq, head)?;
+                op.entries.remove((id, *seq))?;
+            }
+            {
+                let mut leases = op.unwritten.lock();
+                for seq in &unwritten {
+                    leases.0.remove(&(id, *seq));
+                }
+            }
+            op.record.in_flight -= unwritten.len() as u64;
+            for seq in &unwritten {
+                op.entries.remove((id, *seq))?;
             }
             op.store(self)?;
             start = end;
@@ -918,6 +998,7 @@ impl WriteTransaction<'_> {
     ///
     /// As [`WriteTransaction::ack`].
     pub fn nack(&self, lease: &Lease, action: Nack) -> Result<()> {
+        write_leases(self)?;
         let mut op = QueueOp::open(self, &lease.queue)?;
         let mut entry = op.leased(lease)?;
         op.unlist(lease.sequence, &entry.head())?;
@@ -931,6 +1012,7 @@ impl WriteTransaction<'_> {
             }
             Nack::Requeue => {
                 entry.state = EntryState::Ready;
+                entry.due_ms = op.now_ms;
                 op.list(lease.sequence, &entry)?;
             }
             Nack::RequeueAfter(delay_ms) => {
@@ -957,6 +1039,7 @@ impl WriteTransaction<'_> {
                 max: MAX_LEASE_MS,
             });
         }
+        write_leases(self)?;
         let mut op = QueueOp::open(self, &lease.queue)?;
         let mut entry = op.leased(lease)?;
         op.unlist(lease.sequence, &entry.head())?;

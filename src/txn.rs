@@ -27,6 +27,8 @@ pub struct WriteTransaction<'db> {
     pub(crate) shared: Arc<Shared>,
     now_ms: u64,
     published: AtomicBool,
+    /// Leases granted in this transaction and written at commit (see [`queue::UnwrittenLeases`]).
+    pub(crate) unwritten_leases: parking_lot::Mutex<queue::UnwrittenLeases>,
     /// Ties the transaction to a borrow of its database in the public signature; group commit
     /// shares one transaction between threads, so it owns its handle.
     _database: PhantomData<&'db Shared>,
@@ -39,6 +41,7 @@ impl<'db> WriteTransaction<'db> {
             now_ms: shared.clock.now_ms(),
             shared,
             published: AtomicBool::new(false),
+            unwritten_leases: parking_lot::Mutex::default(),
             _database: PhantomData,
         }
     }

@@ -581,7 +581,46 @@ fn random_operations_never_lose_a_message_nor_lease_it_twice() {
         let mut leases: BTreeMap<u32, mqlite::Lease> = BTreeMap::new(); // what we believe we hold
         for step in 0..300 {
             let ctx = format!("seed {seed} step {step}");
-            match rng.below(12) {
+            match rng.below(14) {
+                12..=13 => {
+                    // Receive and settle in one transaction. The closure may run twice
+                    // (group commit), so its choices are drawn before.
+                    let max = 1 + rng.below(4) as usize;
+                    let choices: Vec<u64> = (0..max).map(|_| rng.below(4)).collect();
+                    let got = db
+                        .write(|txn| {
+                            let got = txn.receive("q", max)?;
+                            for (d, choice) in got.iter().zip(&choices) {
+                                match choice {
+                                    0 => txn.ack(&d.lease)?,
+                                    1 => txn.nack(&d.lease, Nack::Requeue)?,
+                                    2 => {
+                                        txn.extend(&d.lease, 2_000)?;
+                                    }
+                                    _ => {}
+                                }
+                            }
+                            Ok::<_, Error>(got)
+                        })
+                        .unwrap();
+                    for (d, choice) in got.into_iter().zip(&choices) {
+                        let id = u32::from_le_bytes(d.message.payload.clone().try_into().unwrap());
+                        assert!(pending.contains(&id), "{ctx}: delivered {id}, settled");
+                        if let Some(old) = leases.remove(&id) {
+                            assert!(old.delivery_count < d.lease.delivery_count, "{ctx}");
+                        }
+                        match choice {
+                            0 => {
+                                assert!(pending.remove(&id), "{ctx}: acked {id} twice");
+                                assert!(acked.insert(id));
+                            }
+                            1 => {}
+                            _ => {
+                                leases.insert(id, d.lease);
+                            }
+                        }
+                    }
+                }
                 0..=2 => {
                     db.write(|txn| txn.enqueue("q", &Message::new(next.to_le_bytes().to_vec())))
                         .unwrap();
@@ -723,6 +762,110 @@ fn bad_queue_input_is_refused() {
     assert!(matches!(in_use, Error::QueueInUse { .. }), "{in_use}");
     db.write(|txn| txn.delete_queue("q")).unwrap();
     db.write(|txn| txn.delete_queue("dlq")).unwrap();
+}
+
+#[test]
+fn leases_granted_and_settled_in_one_transaction_behave_as_across_commits() {
+    let (db, clock) = db_with_clock();
+    queue(&db, "q", QueueConfig::default().lease_ms(30_000));
+    for p in ["a", "b", "c", "d", "e", "f"] {
+        enqueue(&db, "q", p);
+    }
+    let now = mqlite::Clock::now_ms(&clock);
+    let kept = db
+        .write(|txn| {
+            let d = txn.receive("q", 5)?;
+            assert_eq!(payloads(&d), ["a", "b", "c", "d", "e"]);
+            assert_eq!(
+                payloads(&txn.receive("q", 5)?),
+                ["f"],
+                "a second receive skips them"
+            );
+            let info = txn.queue_info("q")?;
+            assert_eq!((info.ready, info.in_flight), (0, 6));
+            txn.ack(&d[0].lease)?;
+            txn.nack(&d[1].lease, Nack::Requeue)?;
+            assert_eq!(txn.extend(&d[2].lease, 5_000)?, now + 5_000);
+            let mut forged = d[4].lease.clone();
+            forged.delivery_count += 1;
+            let stale = txn.ack(&forged).unwrap_err();
+            assert!(matches!(stale, Error::StaleLease { .. }), "{stale}");
+            assert!(matches!(
+                txn.ack_many(&[d[4].lease.clone(), d[4].lease.clone()]),
+                Err(Error::StaleLease { .. })
+            ));
+            txn.ack(&d[4].lease)?;
+            let again = txn.ack(&d[4].lease).unwrap_err();
+            assert!(matches!(again, Error::StaleLease { .. }), "{again}");
+            Ok::<_, Error>(d[3].lease.clone())
+        })
+        .unwrap();
+    // a and e are gone; b is ready again; c, d (and f) are in flight with written leases.
+    let info = db.read(|r| r.queue_info("q")).unwrap();
+    assert_eq!((info.ready, info.in_flight, info.delayed), (1, 3, 0));
+    let held = db.read(|r| r.browse_queue("q", 0, 10)).unwrap();
+    let view: Vec<_> = held
+        .iter()
+        .map(|m| {
+            (
+                String::from_utf8(m.message.payload.clone()).unwrap(),
+                m.state,
+                m.delivery_count,
+                m.due_ms,
+            )
+        })
+        .collect();
+    assert_eq!(
+        view,
+        [
+            ("b".to_owned(), mqlite::EntryState::Ready, 1, now),
+            ("c".to_owned(), mqlite::EntryState::InFlight, 1, now + 5_000),
+            (
+                "d".to_owned(),
+                mqlite::EntryState::InFlight,
+                1,
+                now + 30_000
+            ),
+            (
+                "f".to_owned(),
+                mqlite::EntryState::InFlight,
+                1,
+                now + 30_000
+            ),
+        ]
+    );
+    // The written leases expire on time and go stale on redelivery.
+    clock.advance_ms(5_000);
+    let c = db.write(|txn| txn.receive("q", 5)).unwrap();
+    assert_eq!(payloads(&c), ["b", "c"]);
+    assert_eq!(c[1].delivery_count, 2);
+    db.write(|txn| txn.ack(&kept)).unwrap();
+    clock.advance_ms(25_000);
+    let f = db.write(|txn| txn.receive("q", 5)).unwrap();
+    assert_eq!(payloads(&f), ["f"], "d was acked, f's lease ran out");
+
+    // A transaction that fails leaves its leases unwritten and the messages ready.
+    let before = db.read(|r| r.queue_info("q")).unwrap();
+    let failed = db.write(|txn| {
+        txn.receive("q", 10)?;
+        Err::<(), _>(Error::Storage("changed my mind".into()))
+    });
+    assert!(failed.is_err());
+    assert_eq!(db.read(|r| r.queue_info("q")).unwrap(), before);
+
+    // Deleting or purging a queue in the transaction that leased from it.
+    enqueue(&db, "q", "g");
+    db.write(|txn| {
+        assert_eq!(txn.receive("q", 1)?.len(), 1);
+        assert_eq!(txn.purge_queue("q")?, 0, "in-flight messages stay");
+        txn.receive("q", 10)?;
+        txn.delete_queue("q")
+    })
+    .unwrap();
+    assert!(matches!(
+        db.read(|r| r.queue_info("q")),
+        Err(Error::UnknownQueue { .. })
+    ));
 }
 
 #[test]
