@@ -289,6 +289,28 @@ pub(crate) fn read_message(r: &mut Reader<'_>) -> Result<Message> {
     })
 }
 
+/// The bytes a record batch takes besides its messages: the envelope header and the count.
+pub(crate) const BATCH_OVERHEAD: usize = HEADER_BYTES + 4;
+
+/// The bytes [`write_message`] writes for `message`.
+pub(crate) fn encoded_len(message: &Message) -> usize {
+    let headers: usize = message
+        .headers
+        .iter()
+        .map(|(name, value)| 8 + name.len() + value.len())
+        .sum();
+    1 + 16
+        + 8
+        + 4
+        + message.key.as_ref().map_or(0, Vec::len)
+        + 4
+        + message.routing_key.len()
+        + 4
+        + headers
+        + 4
+        + message.payload.len()
+}
+
 /// Encodes consecutive topic messages into one envelope of kind `Batch` (a record batch):
 /// a u32 count, then each message body.
 pub(crate) fn encode_batch<'m>(
@@ -913,6 +935,14 @@ mod tests {
                 matches!(decode_message(&flipped, "t"), Err(Error::Corrupted { .. })),
                 "bit {bit}"
             );
+        }
+    }
+
+    #[test]
+    fn encoded_len_is_what_encoding_writes() {
+        let plain = Message::new(vec![1; 100]);
+        for m in [sample(), plain] {
+            assert_eq!(encode_message(&m).len(), HEADER_BYTES + encoded_len(&m));
         }
     }
 

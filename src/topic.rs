@@ -496,20 +496,28 @@ fn stamped(message: &Message, now_ms: u64) -> std::borrow::Cow<'_, Message> {
 
 /// Most messages in one record batch.
 const BATCH_MESSAGES: usize = 128;
-/// A record batch closes once its messages reach this many bytes.
-const BATCH_BYTES: u64 = 16 << 10;
+/// Most encoded bytes in one record batch (unless one message alone is larger). redb keeps
+/// a value this large alone in a leaf page rounded up to a power of two, so the batch is sized
+/// to fill a 16 KiB page with room for the leaf's header and key: a batch just over it would
+/// take a 32 KiB page, half of it empty, and every read would copy the empty half.
+const BATCH_BYTES: usize = (16 << 10) - 128;
 
-/// Splits a publish into record batches: up to 128 messages, or 16 KiB of message bytes.
+/// Splits a publish into record batches: up to 128 messages, or as many as fit in
+/// [`BATCH_BYTES`] encoded.
 fn record_batches(messages: &[Message]) -> impl Iterator<Item = &[Message]> {
     let mut rest = messages;
     std::iter::from_fn(move || {
         if rest.is_empty() {
             return None;
         }
-        let mut bytes = 0;
+        let mut bytes = codec::BATCH_OVERHEAD;
         let mut n = 0;
-        while n < rest.len() && n < BATCH_MESSAGES && (n == 0 || bytes < BATCH_BYTES) {
-            bytes += rest[n].size_bytes();
+        while n < rest.len() && n < BATCH_MESSAGES {
+            let next = codec::encoded_len(&rest[n]);
+            if n > 0 && bytes + next > BATCH_BYTES {
+                break;
+            }
+            bytes += next;
             n += 1;
         }
         let (chunk, tail) = rest.split_at(n);
