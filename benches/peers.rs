@@ -231,7 +231,7 @@ fn w2(b: &mut Bench) -> (f64, f64) {
         .expect("topic");
     let m = run(
         Arc::new(move || {
-            db.write(|t| t.publish("t", &Message::new(PAYLOAD.to_vec())))
+            db.write_send(|t| t.publish("t", &Message::new(PAYLOAD.to_vec())))
                 .expect("publish");
         }),
         b.secs,

@@ -753,6 +753,49 @@ impl Database {
         self.write_with(self.shared.durability, f)
     }
 
+    /// [`Database::write`] for a closure that is `Send` and owns what it captures: under
+    /// contention, the thread leading the group commit runs it itself instead of waking this
+    /// thread to run it, which saves two thread switches per writer. With many threads each
+    /// making small durable writes, that is most of the cost of a commit besides its fsync.
+    /// Everything else, the re-runs included, is as [`Database::write`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Database::write`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// let db = Arc::new(mqlite::Database::in_memory()?);
+    /// db.write(|txn| txn.create_topic("events", Default::default()))?;
+    /// let workers: Vec<_> = (0..4)
+    ///     .map(|i| {
+    ///         let db = db.clone();
+    ///         std::thread::spawn(move || {
+    ///             let message = mqlite::Message::new(format!("from {i}"));
+    ///             db.write_send(move |txn| txn.publish("events", &message))
+    ///         })
+    ///     })
+    ///     .collect();
+    /// for worker in workers {
+    ///     worker.join().expect("worker")?;
+    /// }
+    /// assert_eq!(db.read(|r| r.topic_info("events"))?.len(), 4);
+    /// # Ok::<(), mqlite::Error>(())
+    /// ```
+    pub fn write_send<T, E, F>(&self, mut f: F) -> Result<T, E>
+    where
+        F: FnMut(&WriteTransaction<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<Error> + Send + 'static,
+    {
+        if self.shared.durability == Durability::Immediate {
+            return self.shared.group.write_send(&self.shared, f);
+        }
+        self.write_with(self.shared.durability, &mut f)
+    }
+
     /// [`Database::write`] with an explicit durability for this commit.
     ///
     /// # Errors

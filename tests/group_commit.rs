@@ -1,6 +1,7 @@
 //! Guards group commit: concurrent durable writers share transactions and fsyncs, every
 //! caller's effects land exactly once and in its own order, a failing or panicking closure
-//! is dropped from its batch while the others commit, and each caller gets its own outcome.
+//! is dropped from its batch while the others commit, and each caller gets its own outcome;
+//! with closures run by their own threads (`write`) and by the leader (`write_send`), mixed.
 
 #![allow(clippy::unwrap_used, reason = "a test fails loudly on the first error")]
 
@@ -34,7 +35,11 @@ fn concurrent_durable_writers_share_fsyncs_and_each_write_lands_once_in_order() 
             std::thread::spawn(move || {
                 for i in 0..EACH {
                     let m = Message::new([t.to_le_bytes(), i.to_le_bytes()].concat());
-                    db.write(|txn| txn.publish("t", &m)).unwrap();
+                    if t % 2 == 0 {
+                        db.write(|txn| txn.publish("t", &m)).unwrap();
+                    } else {
+                        db.write_send(move |txn| txn.publish("t", &m)).unwrap();
+                    }
                 }
             })
         })
@@ -75,14 +80,20 @@ fn a_failing_closure_leaves_its_batch_and_the_others_commit() {
                 let mut outcomes = Vec::new();
                 for i in 0..50u32 {
                     let fail = (t + i) % 3 == 0;
-                    let result = db.write(|txn| {
+                    let attempt = move |txn: &mqlite::WriteTransaction<'_>, runs: &AtomicU64| {
                         runs.fetch_add(1, Ordering::Relaxed);
                         let offset = txn.publish("t", &Message::new(vec![t as u8, i as u8]))?;
                         if fail {
                             return Err(Error::InvalidConfig(format!("t{t} i{i}")));
                         }
                         Ok(offset)
-                    });
+                    };
+                    let result = if t % 2 == 0 {
+                        db.write(|txn| attempt(txn, &runs))
+                    } else {
+                        let runs = runs.clone();
+                        db.write_send(move |txn| attempt(txn, &runs))
+                    };
                     match (fail, result) {
                         (true, Err(Error::InvalidConfig(m))) => assert_eq!(m, format!("t{t} i{i}")),
                         (false, Ok(_)) => outcomes.push((t as u8, i as u8)),
@@ -136,18 +147,40 @@ fn a_panicking_closure_panics_its_own_caller_only() {
             })
         })
     };
+    let send_panicker = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            db.write_send(|txn| {
+                txn.publish("t", &Message::new("doomed"))?;
+                panic!("handler bug, run by whichever thread leads");
+                #[allow(unreachable_code)]
+                Ok::<_, Error>(())
+            })
+        })
+    };
     let writers: Vec<_> = (0..8u8)
         .map(|t| {
             let db = db.clone();
             std::thread::spawn(move || {
                 for _ in 0..20 {
-                    db.write(|txn| txn.publish("t", &Message::new(vec![t])))
-                        .unwrap();
+                    if t % 2 == 0 {
+                        db.write(|txn| txn.publish("t", &Message::new(vec![t])))
+                            .unwrap();
+                    } else {
+                        db.write_send(move |txn| txn.publish("t", &Message::new(vec![t])))
+                            .unwrap();
+                    }
                 }
             })
         })
         .collect();
     assert!(panicker.join().is_err(), "the panic reaches its caller");
+    let panic = send_panicker.join().unwrap_err();
+    assert_eq!(
+        panic.downcast_ref::<&str>(),
+        Some(&"handler bug, run by whichever thread leads"),
+        "the panic reaches its own caller, whichever thread ran it"
+    );
     for w in writers {
         w.join().unwrap();
     }
