@@ -731,7 +731,8 @@ impl Database {
     ///
     /// Concurrent durable writes are coalesced (group commit): the callers that arrive while a
     /// commit is in flight share the next transaction and its single fsync, each running its
-    /// own closure on its own thread, in arrival order. If one closure fails, the shared
+    /// own closure on its own thread (or, with [`Database::write_send`], on the thread that
+    /// leads the commit), in arrival order. If one closure fails, the shared
     /// transaction is rebuilt without it, so `f` may be run more than once: it must not have
     /// effects outside the transaction, and slow work belongs outside it. The caller whose
     /// closure failed gets its own error; the others commit.
