@@ -34,6 +34,7 @@ pub(crate) enum Kind {
     Binding = 5,
     Outbox = 6,
     Batch = 7,
+    QueueBatch = 8,
 }
 
 const LAYOUT_VERSION: u8 = 1;
@@ -289,8 +290,42 @@ pub(crate) fn read_message(r: &mut Reader<'_>) -> Result<Message> {
     })
 }
 
-/// The bytes a record batch takes besides its messages: the envelope header and the count.
-pub(crate) const BATCH_OVERHEAD: usize = HEADER_BYTES + 4;
+/// The bytes a record batch takes besides its items: the envelope header and the count.
+const BATCH_OVERHEAD: usize = HEADER_BYTES + 4;
+/// Most items in one record batch.
+const BATCH_ITEMS: usize = 128;
+/// Most encoded bytes in one record batch (unless one item alone is larger). redb keeps a
+/// value this large alone in a leaf page rounded up to a power of two, so the batch is sized to
+/// fill a 16 KiB page with room for the leaf's header and key: a batch just over it would take
+/// a 32 KiB page, half of it empty, and every read would copy the empty half.
+const BATCH_BYTES: usize = (16 << 10) - 128;
+
+/// Splits items into record batches: up to 128 items, or as many as fit in [`BATCH_BYTES`]
+/// by `encoded_len`.
+pub(crate) fn split_batches<T>(
+    items: &[T],
+    encoded_len: impl Fn(&T) -> usize,
+) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = BATCH_OVERHEAD;
+        let mut n = 0;
+        while n < rest.len() && n < BATCH_ITEMS {
+            let next = encoded_len(&rest[n]);
+            if n > 0 && bytes + next > BATCH_BYTES {
+                break;
+            }
+            bytes += next;
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
+}
 
 /// The bytes [`write_message`] writes for `message`.
 pub(crate) fn encoded_len(message: &Message) -> usize {
@@ -542,6 +577,8 @@ pub(crate) struct QueueRecord {
     pub(crate) in_flight: u64,
     pub(crate) delayed: u64,
     pub(crate) dead_lettered: u64,
+    /// The first sequence the FIFO lane may still hold: everything below it was received.
+    pub(crate) fifo_head: u64,
 }
 
 pub(crate) fn encode_queue(q: &QueueRecord) -> Vec<u8> {
@@ -561,13 +598,14 @@ pub(crate) fn encode_queue(q: &QueueRecord) -> Vec<u8> {
             Overflow::DropOldest => 0,
             Overflow::RejectPublish => 1,
         })
-        .opt_u64(c.message_ttl_ms);
+        .opt_u64(c.message_ttl_ms)
+        .u64(q.fifo_head);
     w.finish()
 }
 
 pub(crate) fn decode_queue(bytes: &[u8]) -> Result<QueueRecord> {
     let mut r = Reader::open(bytes, Kind::Queue, "queue record")?;
-    let record = QueueRecord {
+    let mut record = QueueRecord {
         id: r.u64()?,
         next_seq: r.u64()?,
         ready: r.u64()?,
@@ -586,7 +624,12 @@ pub(crate) fn decode_queue(bytes: &[u8]) -> Result<QueueRecord> {
             },
             message_ttl_ms: r.opt_u64()?,
         },
+        fifo_head: 0,
     };
+    // Format 1 records end here (no FIFO lane): the head is 0.
+    if r.remaining() > 0 {
+        record.fifo_head = r.u64()?;
+    }
     r.finish()?;
     Ok(record)
 }
@@ -710,6 +753,11 @@ fn reason_tag(reason: DeathReason) -> u8 {
 
 pub(crate) fn encode_entry(e: &QueueEntry) -> Vec<u8> {
     let mut w = Writer::new(Kind::QueueEntry, e.message.size_bytes() as usize + 96);
+    write_entry(&mut w, e);
+    w.finish()
+}
+
+fn write_entry(w: &mut Writer, e: &QueueEntry) {
     w.u8(state_tag(e.state))
         .u8(e.priority)
         .u32(e.delivery_count)
@@ -724,12 +772,98 @@ pub(crate) fn encode_entry(e: &QueueEntry) -> Vec<u8> {
             .u64(d.first_ms)
             .u64(d.last_ms);
     }
-    write_message(&mut w, &e.message);
+    write_message(w, &e.message);
+}
+
+/// The bytes [`write_entry`] writes for `e`.
+pub(crate) fn entry_encoded_len(e: &QueueEntry) -> usize {
+    let deaths: usize = e.deaths.iter().map(|d| 4 + d.queue.len() + 21).sum();
+    1 + 1
+        + 4
+        + 8
+        + 8
+        + 1
+        + if e.expires_ms.is_some() { 8 } else { 0 }
+        + 4
+        + deaths
+        + encoded_len(&e.message)
+}
+
+/// Encodes entries of the FIFO lane, in sequence order, into one envelope of kind
+/// `QueueBatch`: a u32 count, then for each a u64 sequence and the entry.
+pub(crate) fn encode_queue_batch(items: &[(u64, QueueEntry)]) -> Vec<u8> {
+    let size: usize = items.iter().map(|(_, e)| 8 + entry_encoded_len(e)).sum();
+    let mut w = Writer::new(Kind::QueueBatch, size + 4);
+    w.u32(items.len() as u32);
+    for (seq, e) in items {
+        w.u64(*seq);
+        write_entry(&mut w, e);
+    }
     w.finish()
+}
+
+/// Decodes the entries of a FIFO-lane batch from sequence `from` on, up to `max` of them
+/// (the ones before `from` are checked but not copied).
+pub(crate) fn decode_queue_batch(
+    bytes: &[u8],
+    from: u64,
+    max: usize,
+) -> Result<Vec<(u64, QueueEntry)>> {
+    const WHAT: &str = "queue batch";
+    let mut r = Reader::open(bytes, Kind::QueueBatch, WHAT)?;
+    let count = r.u32()? as usize;
+    if count == 0 || count > r.remaining() / 60 + 1 {
+        return Err(Error::corrupted(format!("{WHAT}: count {count}")));
+    }
+    let mut out = Vec::new();
+    let mut last = None;
+    for _ in 0..count {
+        let seq = r.u64()?;
+        if last.is_some_and(|l| seq <= l) {
+            return Err(Error::corrupted(format!("{WHAT}: sequences out of order")));
+        }
+        last = Some(seq);
+        if seq < from || out.len() >= max {
+            skip_entry(&mut r)?;
+        } else {
+            out.push((seq, read_entry(&mut r)?));
+        }
+    }
+    r.finish()?;
+    Ok(out)
+}
+
+fn skip_entry(r: &mut Reader<'_>) -> Result<()> {
+    entry_state(r.u8()?)?;
+    r.u8()?;
+    r.u32()?;
+    r.u64()?;
+    r.u64()?;
+    r.opt_u64()?;
+    let count = r.u32()?;
+    if count as usize > r.remaining() / 25 {
+        return Err(Error::corrupted(format!(
+            "queue entry: death count {count}"
+        )));
+    }
+    for _ in 0..count {
+        r.bytes()?;
+        r.u8()?;
+        r.u32()?;
+        r.u64()?;
+        r.u64()?;
+    }
+    skip_message(r)
 }
 
 pub(crate) fn decode_entry(bytes: &[u8]) -> Result<QueueEntry> {
     let mut r = Reader::open(bytes, Kind::QueueEntry, "queue entry")?;
+    let entry = read_entry(&mut r)?;
+    r.finish()?;
+    Ok(entry)
+}
+
+fn read_entry(r: &mut Reader<'_>) -> Result<QueueEntry> {
     let state = entry_state(r.u8()?)?;
     let priority = r.u8()?;
     let delivery_count = r.u32()?;
@@ -758,8 +892,7 @@ pub(crate) fn decode_entry(bytes: &[u8]) -> Result<QueueEntry> {
             last_ms: r.u64()?,
         });
     }
-    let message = read_message(&mut r)?;
-    r.finish()?;
+    let message = read_message(r)?;
     Ok(QueueEntry {
         message,
         state,

@@ -414,6 +414,7 @@ impl Builder {
                 init_schema(&db)?;
             }
             check_format(&db.begin_read()?, path.as_deref())?;
+            upgrade_format(&db)?;
         }
         let shared = Arc::new(Shared {
             store: Store::new(db, reopen),
@@ -461,6 +462,7 @@ fn init_schema(db: &redb::Database) -> Result<()> {
         txn.open_table(schema::QUEUE_ENTRIES)?;
         txn.open_table(schema::QUEUE_READY)?;
         txn.open_table(schema::QUEUE_TIMERS)?;
+        txn.open_table(schema::QUEUE_FIFO)?;
         txn.open_table(schema::BINDINGS)?;
         txn.open_table(schema::OUTBOX)?;
         txn.open_table(schema::OUTBOX_PARKED)?;
@@ -468,6 +470,29 @@ fn init_schema(db: &redb::Database) -> Result<()> {
         txn.open_table(schema::DEDUP_EXPIRY)?;
     }
     txn.commit()?;
+    Ok(())
+}
+
+/// Brings a file of an older format (checked by [`check_format`]) to [`FORMAT_VERSION`]: format
+/// 1 lacks the FIFO lane's table. Older builds then refuse the file rather than miss the lane.
+fn upgrade_format(db: &redb::Database) -> Result<()> {
+    let found = {
+        let txn = db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        match meta.get(META_FORMAT)? {
+            Some(v) => codec::decode_u32(v.value(), "meta format_version")?,
+            None => FORMAT_VERSION,
+        }
+    };
+    if found >= FORMAT_VERSION {
+        return Ok(());
+    }
+    let txn = db.begin_write()?;
+    txn.open_table(schema::QUEUE_FIFO)?;
+    txn.open_table(META)?
+        .insert(META_FORMAT, FORMAT_VERSION.to_le_bytes().as_slice())?;
+    txn.commit()?;
+    tracing::info!(target: "mqlite::store", from = found, to = FORMAT_VERSION, "upgraded the file format");
     Ok(())
 }
 
@@ -575,7 +600,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn commit(&self, txn: WriteTransaction<'_>, durability: Durability) -> Result<()> {
-        crate::queue::write_leases(&txn)?;
+        crate::queue::write_unwritten(&txn)?;
         let published = txn.published();
         let (mut txn, _) = txn.into_inner();
         let relaxed = durability == Durability::Relaxed;

@@ -188,6 +188,7 @@ impl ReadTransaction {
             }
         }
         let entries = self.table(QUEUE_ENTRIES)?;
+        let fifo = self.fifo_table()?;
         for entry in self.table(QUEUES)?.iter()? {
             let (name, value) = entry?;
             let name = name.value().to_owned();
@@ -216,6 +217,15 @@ impl ReadTransaction {
                         &mut report,
                         format!("queue {name:?} entry {}: {e}", key.value().1),
                     ),
+                }
+            }
+            if let Some(fifo) = &fifo {
+                match crate::queue::read_lane(fifo, queue.id, queue.fifo_head, usize::MAX) {
+                    Ok(lane) => {
+                        report.messages += lane.len() as u64;
+                        counts[0] += lane.len() as u64;
+                    }
+                    Err(e) => problem(&mut report, format!("queue {name:?} FIFO lane: {e}")),
                 }
             }
             if counts != [queue.ready, queue.delayed, queue.in_flight] {

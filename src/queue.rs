@@ -14,7 +14,7 @@ use redb::ReadableTable;
 use crate::codec::{self, EntryHead, EntryState, QueueEntry, QueueRecord};
 use crate::error::{Error, Result};
 use crate::message::{Message, check_message};
-use crate::schema::{QUEUE_ENTRIES, QUEUE_READY, QUEUE_TIMERS, QUEUES, priority_rank};
+use crate::schema::{QUEUE_ENTRIES, QUEUE_FIFO, QUEUE_READY, QUEUE_TIMERS, QUEUES, priority_rank};
 use crate::txn::{ReadTransaction, WriteTransaction};
 use crate::{names, routing};
 
@@ -322,15 +322,23 @@ pub(crate) fn load(
     }
 }
 
-pub(crate) fn info(
+pub(crate) fn info<F: ReadableTable<(u64, u64), &'static [u8]>>(
     entries: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    fifo: Option<&F>,
     name: &str,
     q: &QueueRecord,
 ) -> Result<QueueInfo> {
-    let oldest = match entries.range((q.id, 0)..=(q.id, u64::MAX))?.next() {
+    let indexed = match entries.range((q.id, 0)..=(q.id, u64::MAX))?.next() {
         Some(entry) => Some(codec::decode_entry(entry?.1.value())?.enqueued_ms),
         None => None,
     };
+    let lane = match fifo {
+        Some(fifo) => read_lane(fifo, q.id, q.fifo_head, 1)?
+            .pop()
+            .map(|(_, e)| e.enqueued_ms),
+        None => None,
+    };
+    let oldest = [indexed, lane].into_iter().flatten().min();
     Ok(QueueInfo {
         name: name.to_owned(),
         config: q.config.clone(),
@@ -349,48 +357,130 @@ struct QueueOp<'t> {
     entries: redb::Table<'t, (u64, u64), &'static [u8]>,
     ready: redb::Table<'t, (u64, u8, u64), ()>,
     timers: redb::Table<'t, (u64, u64, u64), ()>,
+    fifo: redb::Table<'t, (u64, u64), &'static [u8]>,
     now_ms: u64,
     /// Entries bound for another queue, inserted by `store` once these tables are closed.
     dead_letters: Vec<(String, QueueEntry)>,
-    /// The transaction's leases not yet written to `entries` and `timers`.
-    unwritten: &'t Mutex<UnwrittenLeases>,
+    /// What the transaction holds back from the tables until it commits.
+    unwritten: &'t Mutex<Unwritten>,
 }
 
-/// Leases granted by a transaction and not yet written to its entries and timers.
+/// What a transaction holds back from its queue tables until it commits, or until an
+/// operation needs the tables complete ([`write_unwritten`]).
 ///
-/// A receive takes its entries out of the ready index and counts them in flight at once, but
-/// writes their new state (in flight, delivery count, lease expiry, timer) only when the
-/// transaction commits, or before an operation that reads that state. A receive and an ack in
-/// the same transaction (the consume pattern, and [`Database::process_queue`]) then never write
-/// the lease at all: the ack deletes the entry and the lease is forgotten. Nothing outside the
-/// transaction can see the difference, since nothing outside sees it before it commits.
+/// - Leases. A receive takes its entries out of the ready index (or the FIFO lane) and counts
+///   them in flight at once, but writes their new state (in flight, delivery count, lease
+///   expiry, timer) only at commit. A receive and an ack in the same transaction (the consume
+///   pattern, and [`Database::process_queue`]) then never write the lease at all.
+/// - Appends to FIFO lanes. Messages enqueued at the default priority without a delay are
+///   written at commit as record batches (like a topic's), so that a transaction enqueuing
+///   many writes a few batches instead of an entry and an index key each.
+/// - FIFO heads. Receiving moves a lane's head; the batches wholly below it are deleted at
+///   commit.
+///
+/// Nothing outside the transaction can see the difference, since nothing outside sees it
+/// before it commits.
 ///
 /// [`Database::process_queue`]: crate::Database::process_queue
 #[derive(Default)]
-pub(crate) struct UnwrittenLeases(BTreeMap<(u64, u64), EntryHead>);
+pub(crate) struct Unwritten {
+    leases: BTreeMap<(u64, u64), UnwrittenLease>,
+    appends: BTreeMap<u64, Vec<(u64, QueueEntry)>>,
+    heads: BTreeMap<u64, u64>,
+}
 
-/// Writes the transaction's unwritten leases: each entry's new head and its lease timer.
-/// Called before commit and before any operation that reads or replaces in-flight entries.
-pub(crate) fn write_leases(txn: &WriteTransaction<'_>) -> Result<()> {
-    let leases = std::mem::take(&mut *txn.unwritten_leases.lock());
-    if leases.0.is_empty() {
+#[derive(Clone, Copy)]
+struct UnwrittenLease {
+    head: EntryHead,
+    /// Whether the entry is in its queue's FIFO lane (else in `mqlite_queue_entries`).
+    in_lane: bool,
+}
+
+/// Writes what the transaction held back (see [`Unwritten`]): lane appends as batches, leases
+/// as entries and timers, and the trimming of lanes below their heads. Called before commit
+/// and before any queue operation other than enqueue and ack, so those see complete tables.
+pub(crate) fn write_unwritten(txn: &WriteTransaction<'_>) -> Result<()> {
+    let pending = std::mem::take(&mut *txn.unwritten.lock());
+    if pending.leases.is_empty() && pending.appends.is_empty() && pending.heads.is_empty() {
         return Ok(());
+    }
+    let mut fifo = txn.table(QUEUE_FIFO)?;
+    for (id, items) in &pending.appends {
+        for chunk in codec::split_batches(items, |(_, e)| 8 + codec::entry_encoded_len(e)) {
+            let last = chunk.last().map_or(0, |(seq, _)| *seq);
+            fifo.insert((*id, last), codec::encode_queue_batch(chunk).as_slice())?;
+        }
     }
     let mut entries = txn.table(QUEUE_ENTRIES)?;
     let mut timers = txn.table(QUEUE_TIMERS)?;
-    for ((id, seq), head) in leases.0 {
-        let bytes = match entries.get((id, seq))? {
-            Some(v) => codec::restate_entry(v.value(), head)?,
-            None => {
-                return Err(Error::corrupted(
-                    "a leased queue entry vanished before commit",
-                ));
+    for ((id, seq), lease) in pending.leases {
+        let head = lease.head;
+        let bytes = if lease.in_lane {
+            let mut entry = match read_lane(&fifo, id, seq, 1)?.pop() {
+                Some((found, entry)) if found == seq => entry,
+                _ => return Err(Error::corrupted("a leased queue entry left its FIFO lane")),
+            };
+            entry.state = head.state;
+            entry.delivery_count = head.delivery_count;
+            entry.due_ms = head.due_ms;
+            codec::encode_entry(&entry)
+        } else {
+            match entries.get((id, seq))? {
+                Some(v) => codec::restate_entry(v.value(), head)?,
+                None => {
+                    return Err(Error::corrupted(
+                        "a leased queue entry vanished before commit",
+                    ));
+                }
             }
         };
         entries.insert((id, seq), bytes.as_slice())?;
         timers.insert((id, head.due_ms, seq), ())?;
     }
+    for (id, head) in pending.heads {
+        fifo.retain_in((id, 0)..(id, head), |_, _| false)?;
+    }
     Ok(())
+}
+
+/// The FIFO lanes table, open for writing.
+pub(crate) type Lanes<'t> = redb::Table<'t, (u64, u64), &'static [u8]>;
+/// The FIFO lanes table in a snapshot.
+pub(crate) type LanesSnapshot = redb::ReadOnlyTable<(u64, u64), &'static [u8]>;
+
+/// Up to `max` entries of a queue's FIFO lane from sequence `from` on, in sequence order.
+pub(crate) fn read_lane(
+    fifo: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    id: u64,
+    from: u64,
+    max: usize,
+) -> Result<Vec<(u64, QueueEntry)>> {
+    let mut out: Vec<(u64, QueueEntry)> = Vec::new();
+    if max == 0 {
+        return Ok(out);
+    }
+    for item in fifo.range((id, from)..=(id, u64::MAX))? {
+        let (key, value) = item?;
+        let (queue_id, last) = key.value();
+        let mut part = codec::decode_queue_batch(value.value(), from, max - out.len())?;
+        // A damaged key can break the tree's order; report it rather than return it.
+        let after = out.last().map(|(seq, _)| *seq);
+        if queue_id != id
+            || part.last().is_some_and(|(seq, _)| *seq > last)
+            || part
+                .first()
+                .is_some_and(|(seq, _)| after.is_some_and(|a| *seq <= a))
+        {
+            return Err(Error::corrupted(format!(
+                "queue FIFO lane of queue {id}: batch keys out of order at {last}"
+            )));
+        }
+        out.append(&mut part);
+        if out.len() >= max {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 impl<'t> QueueOp<'t> {
@@ -402,9 +492,10 @@ impl<'t> QueueOp<'t> {
             entries: txn.table(QUEUE_ENTRIES)?,
             ready: txn.table(QUEUE_READY)?,
             timers: txn.table(QUEUE_TIMERS)?,
+            fifo: txn.table(QUEUE_FIFO)?,
             now_ms: txn.now_ms(),
             dead_letters: Vec::new(),
-            unwritten: &txn.unwritten_leases,
+            unwritten: &txn.unwritten,
         })
     }
 
@@ -417,11 +508,12 @@ impl<'t> QueueOp<'t> {
             entries,
             ready,
             timers,
+            fifo,
             now_ms: _,
             unwritten: _,
         } = self;
         // Another queue's operation opens the same tables: close them first.
-        drop((entries, ready, timers));
+        drop((entries, ready, timers, fifo));
         txn.table(QUEUES)?
             .insert(name.as_str(), codec::encode_queue(&record).as_slice())?;
         for (dlq, entry) in dead_letters {
@@ -614,21 +706,96 @@ impl<'t> QueueOp<'t> {
                 return Ok(false);
             }
             let id = self.id();
-            let head = match self
-                .ready
-                .range((id, 0, 0)..=(id, u8::MAX, u64::MAX))?
-                .next()
-            {
-                Some(e) => e?.0.value().2,
+            match self.first_ready()? {
+                Some(Oldest::Indexed(seq)) => {
+                    let Some(entry) = self.get(seq)? else {
+                        return Err(Error::corrupted("queue ready index points at no entry"));
+                    };
+                    self.unlist(seq, &entry.head())?;
+                    self.dead_letter(seq, entry, DeathReason::MaxLength)?;
+                }
+                Some(Oldest::Lane(seq, entry)) => {
+                    self.take_from_lane(seq);
+                    self.dead_letter(seq, entry, DeathReason::MaxLength)?;
+                }
+                Some(Oldest::Appended) => {
+                    let taken = self
+                        .unwritten
+                        .lock()
+                        .appends
+                        .get_mut(&id)
+                        .map(|appended| appended.remove(0));
+                    if let Some((seq, entry)) = taken {
+                        self.record.ready -= 1;
+                        self.dead_letter(seq, entry, DeathReason::MaxLength)?;
+                    }
+                }
                 None => return Ok(false),
-            };
-            let Some(entry) = self.get(head)? else {
-                return Err(Error::corrupted("queue ready index points at no entry"));
-            };
-            self.unlist(head, &entry.head())?;
-            self.dead_letter(head, entry, DeathReason::MaxLength)?;
+            }
         }
         Ok(true)
+    }
+
+    /// The first ready message in receive order: higher priorities first, then the lower
+    /// sequence among the ready index, the FIFO lane and this transaction's appends to it.
+    fn first_ready(&self) -> Result<Option<Oldest>> {
+        let id = self.id();
+        let indexed = match self
+            .ready
+            .range((id, 0, 0)..=(id, u8::MAX, u64::MAX))?
+            .next()
+        {
+            Some(e) => {
+                let (_, rank, seq) = e?.0.value();
+                if rank < priority_rank(0) {
+                    return Ok(Some(Oldest::Indexed(seq)));
+                }
+                Some(seq)
+            }
+            None => None,
+        };
+        let lane = read_lane(&self.fifo, id, self.record.fifo_head, 1)?.pop();
+        let appended = self
+            .unwritten
+            .lock()
+            .appends
+            .get(&id)
+            .and_then(|a| a.first())
+            .map(|(seq, _)| *seq);
+        let lane_seq = lane.as_ref().map(|(seq, _)| *seq);
+        let first = [indexed, lane_seq, appended].into_iter().flatten().min();
+        Ok(match first {
+            None => None,
+            Some(seq) if Some(seq) == indexed => Some(Oldest::Indexed(seq)),
+            Some(seq) if Some(seq) == appended => Some(Oldest::Appended),
+            Some(_) => lane.map(|(seq, entry)| Oldest::Lane(seq, entry)),
+        })
+    }
+
+    /// Takes the ready entry `seq` from the head of the FIFO lane (the caller has it decoded).
+    fn take_from_lane(&mut self, seq: u64) {
+        self.record.fifo_head = seq + 1;
+        self.record.ready -= 1;
+        self.unwritten
+            .lock()
+            .heads
+            .insert(self.id(), self.record.fifo_head);
+    }
+
+    /// Moves every entry of the FIFO lane into the ready index, for operations that take
+    /// ready messages out of order (purge, redrive). The caller wrote the transaction's
+    /// unwritten state first, so no lease points into the lane.
+    fn unlane(&mut self) -> Result<()> {
+        let id = self.id();
+        let items = read_lane(&self.fifo, id, self.record.fifo_head, usize::MAX)?;
+        self.fifo
+            .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        self.record.fifo_head = self.record.next_seq;
+        for (seq, entry) in items {
+            self.record.ready -= 1;
+            self.list(seq, &entry)?;
+        }
+        Ok(())
     }
 
     /// Leases the ready entry `seq`, which the caller took out of the ready index and the
@@ -638,6 +805,7 @@ impl<'t> QueueOp<'t> {
         &mut self,
         seq: u64,
         entry: Option<QueueEntry>,
+        in_lane: bool,
         queue: &str,
     ) -> Result<Option<Delivery>> {
         let mut entry = match entry {
@@ -661,10 +829,13 @@ impl<'t> QueueOp<'t> {
         entry.state = EntryState::InFlight;
         entry.due_ms = self.now_ms.saturating_add(self.record.config.lease_ms);
         self.record.in_flight += 1;
-        self.unwritten
-            .lock()
-            .0
-            .insert((self.id(), seq), entry.head());
+        self.unwritten.lock().leases.insert(
+            (self.id(), seq),
+            UnwrittenLease {
+                head: entry.head(),
+                in_lane,
+            },
+        );
         Ok(Some(Delivery {
             lease: Lease {
                 queue: queue.to_owned(),
@@ -713,6 +884,13 @@ impl<'t> QueueOp<'t> {
             }),
         }
     }
+}
+
+/// Where the first ready message of a queue is.
+enum Oldest {
+    Indexed(u64),
+    Lane(u64, QueueEntry),
+    Appended,
 }
 
 /// Whether `count` sequences between `first` and `last` are close enough together that one
@@ -770,7 +948,17 @@ fn insert_entry(
         &op.record.config,
     );
     entry.priority = options.priority;
-    op.list(seq, &entry)?;
+    if entry.state == EntryState::Ready && entry.priority == 0 {
+        op.record.ready += 1;
+        op.unwritten
+            .lock()
+            .appends
+            .entry(op.id())
+            .or_default()
+            .push((seq, entry));
+    } else {
+        op.list(seq, &entry)?;
+    }
     op.store(txn)
 }
 
@@ -828,6 +1016,7 @@ impl WriteTransaction<'_> {
             in_flight: 0,
             delayed: 0,
             dead_lettered: 0,
+            fifo_head: 0,
         };
         queues.insert(name, codec::encode_queue(&record).as_slice())?;
         Ok(())
@@ -868,7 +1057,7 @@ impl WriteTransaction<'_> {
     ///
     /// [`Error::UnknownQueue`]; [`Error::QueueInUse`] while another queue dead-letters into it.
     pub fn delete_queue(&self, name: &str) -> Result<()> {
-        write_leases(self)?;
+        write_unwritten(self)?;
         let mut queues = self.table(QUEUES)?;
         let record = load(&queues, name)?;
         for entry in queues.iter()? {
@@ -889,6 +1078,8 @@ impl WriteTransaction<'_> {
             .retain_in((id, 0, 0)..=(id, u8::MAX, u64::MAX), |_, _| false)?;
         self.table(QUEUE_TIMERS)?
             .retain_in((id, 0, 0)..=(id, u64::MAX, u64::MAX), |_, _| false)?;
+        self.table(QUEUE_FIFO)?
+            .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
         routing::remove_queue_bindings(self, name)?;
         Ok(())
     }
@@ -946,28 +1137,67 @@ impl WriteTransaction<'_> {
                 max: self.shared.limits.max_batch as u64,
             });
         }
+        write_unwritten(self)?;
         let mut op = QueueOp::open(self, queue)?;
         op.promote_due()?;
         let id = op.id();
         let mut out = Vec::new();
         while out.len() < max {
-            // One index scan per round; expired or exhausted heads do not count toward `max`,
-            // so another round may follow.
-            let heads: Vec<u64> = op
+            // One read of each source per round: the ready index (priorities, redeliveries)
+            // and the FIFO lane. Higher priorities go first, then the lower sequence.
+            // Expired or exhausted heads do not count toward `max`, so another round may
+            // follow.
+            let want = max - out.len();
+            let indexed: Vec<(u8, u64)> = op
                 .ready
-                .extract_from_if((id, 0, 0)..=(id, u8::MAX, u64::MAX), |_, _| true)?
-                .take(max - out.len())
-                .map(|e| e.map(|(k, _)| k.value().2))
+                .range((id, 0, 0)..=(id, u8::MAX, u64::MAX))?
+                .take(want)
+                .map(|e| e.map(|(k, _)| (k.value().1, k.value().2)))
                 .collect::<Result<_, _>>()?;
-            if heads.is_empty() {
+            let mut lane = read_lane(&op.fifo, id, op.record.fifo_head, want)?.into_iter();
+            if indexed.is_empty() && lane.len() == 0 {
                 break;
             }
-            op.record.ready -= heads.len() as u64;
-            let entries = op.get_many(&heads)?;
-            for (seq, entry) in heads.into_iter().zip(entries) {
-                if let Some(delivery) = op.lease(seq, entry, queue)? {
-                    out.push(delivery);
+            let mut picks = Vec::with_capacity(want);
+            let (mut from_index, mut next_lane) = (0, lane.next());
+            while picks.len() < want {
+                let take_index = match (indexed.get(from_index), &next_lane) {
+                    (Some(&(rank, seq)), Some((lane_seq, _))) => {
+                        rank < priority_rank(0) || seq < *lane_seq
+                    }
+                    (Some(_), None) => true,
+                    (None, Some(_)) => false,
+                    (None, None) => break,
+                };
+                if take_index {
+                    picks.push(None);
+                    from_index += 1;
+                } else {
+                    picks.push(next_lane.take());
+                    next_lane = lane.next();
                 }
+            }
+            // The index keys taken are the first `from_index` in index order.
+            let seqs: Vec<u64> = op
+                .ready
+                .extract_from_if((id, 0, 0)..=(id, u8::MAX, u64::MAX), |_, _| true)?
+                .take(from_index)
+                .map(|e| e.map(|(k, _)| k.value().2))
+                .collect::<Result<_, _>>()?;
+            op.record.ready -= seqs.len() as u64;
+            let mut entries = op.get_many(&seqs)?.into_iter().zip(seqs);
+            for pick in picks {
+                let delivery = match pick {
+                    Some((seq, entry)) => {
+                        op.take_from_lane(seq);
+                        op.lease(seq, Some(entry), true, queue)?
+                    }
+                    None => match entries.next() {
+                        Some((entry, seq)) => op.lease(seq, entry, false, queue)?,
+                        None => return Err(Error::corrupted("queue ready index changed")),
+                    },
+                };
+                out.extend(delivery);
             }
         }
         op.store(self)?;
@@ -1010,10 +1240,10 @@ impl WriteTransaction<'_> {
             // Leases from earlier commits, with their stored heads; and leases granted by
             // this transaction, which were never written.
             let mut written = Vec::with_capacity(group.len());
-            let mut unwritten = Vec::new();
+            let mut granted = Vec::new();
             let mut seen = std::collections::HashSet::with_capacity(group.len());
             {
-                let leases = op.unwritten.lock();
+                let unwritten = op.unwritten.lock();
                 for lease in group {
                     let stale = || Error::StaleLease {
                         queue: lease.queue.clone(),
@@ -1021,9 +1251,9 @@ impl WriteTransaction<'_> {
                     if !seen.insert(lease.sequence) {
                         return Err(stale());
                     }
-                    match leases.0.get(&(id, lease.sequence)) {
-                        Some(head) if head.delivery_count == lease.delivery_count => {
-                            unwritten.push(lease.sequence);
+                    match unwritten.leases.get(&(id, lease.sequence)) {
+                        Some(held) if held.head.delivery_count == lease.delivery_count => {
+                            granted.push((lease.sequence, held.in_lane));
                         }
                         Some(_) => return Err(stale()),
                         None => written.push((lease.sequence, op.leased_head(lease)?)),
@@ -1034,14 +1264,21 @@ impl WriteTransaction<'_> {
                 op.unlist(*seq, head)?;
             }
             {
-                let mut leases = op.unwritten.lock();
-                for seq in &unwritten {
-                    leases.0.remove(&(id, *seq));
+                let mut unwritten = op.unwritten.lock();
+                for (seq, _) in &granted {
+                    unwritten.leases.remove(&(id, *seq));
                 }
             }
-            op.record.in_flight -= unwritten.len() as u64;
-            unwritten.extend(written.iter().map(|(seq, _)| *seq));
-            op.remove_many(&mut unwritten)?;
+            op.record.in_flight -= granted.len() as u64;
+            // An entry leased from the FIFO lane has no entry of its own: the lane's batch
+            // goes once the head has passed it.
+            let mut gone: Vec<u64> = granted
+                .iter()
+                .filter(|(_, in_lane)| !in_lane)
+                .map(|(seq, _)| *seq)
+                .chain(written.iter().map(|(seq, _)| *seq))
+                .collect();
+            op.remove_many(&mut gone)?;
             op.store(self)?;
             start = end;
         }
@@ -1055,7 +1292,7 @@ impl WriteTransaction<'_> {
     ///
     /// As [`WriteTransaction::ack`].
     pub fn nack(&self, lease: &Lease, action: Nack) -> Result<()> {
-        write_leases(self)?;
+        write_unwritten(self)?;
         let mut op = QueueOp::open(self, &lease.queue)?;
         let mut entry = op.leased(lease)?;
         op.unlist(lease.sequence, &entry.head())?;
@@ -1096,7 +1333,7 @@ impl WriteTransaction<'_> {
                 max: MAX_LEASE_MS,
             });
         }
-        write_leases(self)?;
+        write_unwritten(self)?;
         let mut op = QueueOp::open(self, &lease.queue)?;
         let mut entry = op.leased(lease)?;
         op.unlist(lease.sequence, &entry.head())?;
@@ -1114,7 +1351,9 @@ impl WriteTransaction<'_> {
     ///
     /// [`Error::UnknownQueue`].
     pub fn redrive(&self, dead_letter_queue: &str, max: usize) -> Result<u64> {
+        write_unwritten(self)?;
         let mut op = QueueOp::open(self, dead_letter_queue)?;
+        op.unlane()?;
         let id = op.id();
         let mut moved = 0;
         let candidates: Vec<u64> = op
@@ -1162,7 +1401,9 @@ impl WriteTransaction<'_> {
     ///
     /// [`Error::UnknownQueue`].
     pub fn purge_queue(&self, queue: &str) -> Result<u64> {
+        write_unwritten(self)?;
         let mut op = QueueOp::open(self, queue)?;
+        op.unlane()?;
         let id = op.id();
         let mut seqs: Vec<u64> = op
             .ready
@@ -1301,6 +1542,12 @@ impl ReadTransaction {
     ) -> Result<Vec<QueuedMessage>> {
         let record = load(&self.table(QUEUES)?, queue)?;
         let entries = self.table(QUEUE_ENTRIES)?;
+        let mut lane = match self.fifo_table()? {
+            Some(fifo) => read_lane(&fifo, record.id, from_sequence.max(record.fifo_head), max)?,
+            None => Vec::new(),
+        }
+        .into_iter()
+        .peekable();
         let mut out: Vec<QueuedMessage> = Vec::new();
         for entry in entries
             .range((record.id, from_sequence)..=(record.id, u64::MAX))?
@@ -1317,11 +1564,16 @@ impl ReadTransaction {
                     "queue {queue:?}: entry keys out of order at {sequence}"
                 )));
             }
+            while let Some((seq, e)) = lane.next_if(|(seq, _)| *seq < sequence) {
+                out.push(QueuedMessage::from_entry(seq, e));
+            }
             out.push(QueuedMessage::from_entry(
                 sequence,
                 codec::decode_entry(value.value())?,
             ));
         }
+        out.extend(lane.map(|(seq, e)| QueuedMessage::from_entry(seq, e)));
+        out.truncate(max);
         Ok(out)
     }
 }

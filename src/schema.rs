@@ -7,8 +7,9 @@
 
 use redb::TableDefinition;
 
-/// The on-disk format this build writes and the newest it reads.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// The on-disk format this build writes and the newest it reads. Format 1 had no FIFO lane
+/// (`mqlite_queue_fifo`); a writable open upgrades it to 2 by creating that table.
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 /// The prefix of every table mqlite owns.
 pub(crate) const RESERVED_PREFIX: &str = "mqlite_";
@@ -37,6 +38,11 @@ pub(crate) const QUEUES: TableDefinition<&str, &[u8]> = TableDefinition::new("mq
 /// (queue id, sequence) -> queue entry envelope (message, state, delivery count, deaths).
 pub(crate) const QUEUE_ENTRIES: TableDefinition<(u64, u64), &[u8]> =
     TableDefinition::new("mqlite_queue_entries");
+/// (queue id, sequence of its last entry) -> queue batch envelope: the FIFO lane, a queue's
+/// ready messages of the default priority that were never delivered, in record batches. Those
+/// from the queue record's `fifo_head` on are ready; the batches wholly below it are deleted.
+pub(crate) const QUEUE_FIFO: TableDefinition<(u64, u64), &[u8]> =
+    TableDefinition::new("mqlite_queue_fifo");
 /// (queue id, 255 - priority, sequence) -> (): the entries ready to be received, in order.
 pub(crate) const QUEUE_READY: TableDefinition<(u64, u8, u64), ()> =
     TableDefinition::new("mqlite_queue_ready");

@@ -406,7 +406,7 @@ impl WriteTransaction<'_> {
         if record.config.retention.keeps_log() {
             let mut log = self.table(LOG)?;
             let mut base = start;
-            for chunk in record_batches(messages) {
+            for chunk in codec::split_batches(messages, codec::encoded_len) {
                 let bytes = codec::encode_batch_stamped(chunk.iter(), now);
                 record.stored_bytes += bytes.len() as u64;
                 log.insert((record.id, base), bytes.as_slice())?;
@@ -492,38 +492,6 @@ fn stamped(message: &Message, now_ms: u64) -> std::borrow::Cow<'_, Message> {
     } else {
         std::borrow::Cow::Borrowed(message)
     }
-}
-
-/// Most messages in one record batch.
-const BATCH_MESSAGES: usize = 128;
-/// Most encoded bytes in one record batch (unless one message alone is larger). redb keeps
-/// a value this large alone in a leaf page rounded up to a power of two, so the batch is sized
-/// to fill a 16 KiB page with room for the leaf's header and key: a batch just over it would
-/// take a 32 KiB page, half of it empty, and every read would copy the empty half.
-const BATCH_BYTES: usize = (16 << 10) - 128;
-
-/// Splits a publish into record batches: up to 128 messages, or as many as fit in
-/// [`BATCH_BYTES`] encoded.
-fn record_batches(messages: &[Message]) -> impl Iterator<Item = &[Message]> {
-    let mut rest = messages;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut bytes = codec::BATCH_OVERHEAD;
-        let mut n = 0;
-        while n < rest.len() && n < BATCH_MESSAGES {
-            let next = codec::encoded_len(&rest[n]);
-            if n > 0 && bytes + next > BATCH_BYTES {
-                break;
-            }
-            bytes += next;
-            n += 1;
-        }
-        let (chunk, tail) = rest.split_at(n);
-        rest = tail;
-        Some(chunk)
-    })
 }
 
 /// Removes up to `budget` of the oldest records that retention no longer allows; returns how
@@ -688,7 +656,7 @@ pub(crate) fn restore_records(
     let mut time = txn.table(LOG_TIME)?;
     let mut base = first;
     let mut last_ms = 0;
-    for chunk in record_batches(messages) {
+    for chunk in codec::split_batches(messages, codec::encoded_len) {
         for (i, message) in chunk.iter().enumerate() {
             check_message(message, &limits)?;
             // The time index maps each append time to its first offset; it must stay sorted

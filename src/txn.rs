@@ -12,7 +12,8 @@ use crate::error::{Error, Result};
 use crate::queue::{self, QueueInfo};
 use crate::routing::{self, BindingInfo};
 use crate::schema::{
-    BINDINGS, GROUPS, LOG, LOG_TIME, META_NEXT_ID, QUEUE_ENTRIES, QUEUES, RESERVED_PREFIX, TOPICS,
+    BINDINGS, GROUPS, LOG, LOG_TIME, META_NEXT_ID, QUEUE_ENTRIES, QUEUE_FIFO, QUEUES,
+    RESERVED_PREFIX, TOPICS,
 };
 use crate::topic::{self, GroupInfo, Record, StartAt, TopicInfo};
 
@@ -27,8 +28,8 @@ pub struct WriteTransaction<'db> {
     pub(crate) shared: Arc<Shared>,
     now_ms: u64,
     published: AtomicBool,
-    /// Leases granted in this transaction and written at commit (see [`queue::UnwrittenLeases`]).
-    pub(crate) unwritten_leases: parking_lot::Mutex<queue::UnwrittenLeases>,
+    /// Queue state held back until commit (see [`queue::Unwritten`]).
+    pub(crate) unwritten: parking_lot::Mutex<queue::Unwritten>,
     /// Ties the transaction to a borrow of its database in the public signature; group commit
     /// shares one transaction between threads, so it owns its handle.
     _database: PhantomData<&'db Shared>,
@@ -41,7 +42,7 @@ impl<'db> WriteTransaction<'db> {
             now_ms: shared.clock.now_ms(),
             shared,
             published: AtomicBool::new(false),
-            unwritten_leases: parking_lot::Mutex::default(),
+            unwritten: parking_lot::Mutex::default(),
             _database: PhantomData,
         }
     }
@@ -105,6 +106,16 @@ impl<'db> WriteTransaction<'db> {
         self.next_counter(META_NEXT_ID)
     }
 
+    /// The queues' FIFO lanes (a writable open has upgraded any older file to have them).
+    pub(crate) fn fifo_table(&self) -> Result<Option<queue::Lanes<'_>>> {
+        Ok(Some(self.table(QUEUE_FIFO)?))
+    }
+
+    /// Writes what this transaction held back from the queue tables, for a read of them.
+    fn complete_queues(&self) -> Result<()> {
+        queue::write_unwritten(self)
+    }
+
     pub(crate) fn into_inner(self) -> (redb::WriteTransaction, Arc<Shared>) {
         (self.txn, self.shared)
     }
@@ -153,6 +164,20 @@ impl ReadTransaction {
         definition: TableDefinition<'_, K, V>,
     ) -> Result<redb::ReadOnlyTable<K, V>> {
         Ok(self.txn.open_table(definition)?)
+    }
+
+    /// The queues' FIFO lanes; `None` in a format-1 file opened read-only (it has none).
+    pub(crate) fn fifo_table(&self) -> Result<Option<queue::LanesSnapshot>> {
+        match self.txn.open_table(QUEUE_FIFO) {
+            Ok(table) => Ok(Some(table)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A snapshot's queue tables are always complete (see [`queue::Unwritten`]).
+    fn complete_queues(&self) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -249,8 +274,10 @@ macro_rules! reads {
             ///
             /// [`Error::UnknownQueue`].
             pub fn queue_info(&self, queue: &str) -> Result<QueueInfo> {
+                self.complete_queues()?;
                 let record = queue::load(&self.table(QUEUES)?, queue)?;
-                queue::info(&self.table(QUEUE_ENTRIES)?, queue, &record)
+                let fifo = self.fifo_table()?;
+                queue::info(&self.table(QUEUE_ENTRIES)?, fifo.as_ref(), queue, &record)
             }
 
             /// Every queue, by name.
@@ -259,12 +286,14 @@ macro_rules! reads {
             ///
             /// Storage errors, [`Error::Corrupted`].
             pub fn queues(&self) -> Result<Vec<QueueInfo>> {
+                self.complete_queues()?;
                 let entries = self.table(QUEUE_ENTRIES)?;
+                let fifo = self.fifo_table()?;
                 let mut out = Vec::new();
                 for entry in self.table(QUEUES)?.iter()? {
                     let (name, value) = entry?;
                     let record = codec::decode_queue(value.value())?;
-                    out.push(queue::info(&entries, name.value(), &record)?);
+                    out.push(queue::info(&entries, fifo.as_ref(), name.value(), &record)?);
                 }
                 Ok(out)
             }

@@ -868,6 +868,160 @@ fn leases_granted_and_settled_in_one_transaction_behave_as_across_commits() {
     ));
 }
 
+fn browse(db: &Database, q: &str) -> Vec<(String, mqlite::EntryState)> {
+    db.read(|r| r.browse_queue(q, 0, 100))
+        .unwrap()
+        .into_iter()
+        .map(|m| (String::from_utf8(m.message.payload).unwrap(), m.state))
+        .collect()
+}
+
+fn verify_clean(db: &Database) {
+    let report = db.verify(|_| {}).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+/// Messages of the default priority without a delay live in the queue's FIFO lane (record
+/// batches); the others in the ready index. Receive order, max length and counts must not
+/// tell the two apart.
+#[test]
+fn the_fifo_lane_and_the_ready_index_keep_one_order() {
+    use mqlite::EntryState::{InFlight, Ready};
+    let (db, _) = db_with_clock();
+    queue(&db, "dlq", QueueConfig::default());
+    queue(
+        &db,
+        "q",
+        QueueConfig::default()
+            .max_length(4, Overflow::DropOldest)
+            .dead_letter("dlq"),
+    );
+    // Six appends in one transaction: the two oldest make room while still unwritten.
+    db.write(|txn| {
+        for p in ["a", "b", "c", "d", "e", "f"] {
+            txn.enqueue("q", &Message::new(p))?;
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let ready = |names: &[&str]| -> Vec<(String, mqlite::EntryState)> {
+        names.iter().map(|n| (n.to_string(), Ready)).collect()
+    };
+    assert_eq!(browse(&db, "q"), ready(&["c", "d", "e", "f"]));
+    assert_eq!(browse(&db, "dlq"), ready(&["a", "b"]));
+    // One more in its own transaction: the oldest written one makes room.
+    enqueue(&db, "q", "g");
+    assert_eq!(browse(&db, "q"), ready(&["d", "e", "f", "g"]));
+    // A priority message goes first; making room for it drops the oldest in receive order.
+    db.write(|txn| {
+        txn.enqueue_with(
+            "q",
+            &Message::new("p"),
+            EnqueueOptions {
+                priority: 5,
+                ..Default::default()
+            },
+        )
+    })
+    .unwrap();
+    verify_clean(&db);
+    let got = db.write(|txn| txn.receive("q", 2)).unwrap();
+    assert_eq!(payloads(&got), ["p", "e"]);
+    // A requeued message keeps its place: before the later ones still in the lane.
+    db.write(|txn| txn.nack(&got[1].lease, Nack::Requeue))
+        .unwrap();
+    db.write(|txn| txn.ack(&got[0].lease)).unwrap();
+    verify_clean(&db);
+    let got = db.write(|txn| txn.receive("q", 10)).unwrap();
+    assert_eq!(payloads(&got), ["e", "f", "g"]);
+    assert_eq!(got[0].delivery_count, 2);
+    assert_eq!(
+        browse(&db, "q"),
+        [
+            ("e".to_owned(), InFlight),
+            ("f".to_owned(), InFlight),
+            ("g".to_owned(), InFlight)
+        ]
+    );
+    verify_clean(&db);
+
+    // Enqueue and receive in one transaction: the receive sees the unwritten appends.
+    let got = db
+        .write(|txn| {
+            txn.enqueue("dlq", &Message::new("x"))?;
+            txn.enqueue("dlq", &Message::new("y"))?;
+            let got = txn.receive("dlq", 3)?;
+            txn.ack(&got[0].lease)?;
+            assert_eq!(txn.queue_info("dlq")?.in_flight, 2);
+            Ok::<_, Error>(got)
+        })
+        .unwrap();
+    // c and d made room for g and p.
+    assert_eq!(payloads(&got), ["a", "b", "c"]);
+    assert_eq!(
+        browse(&db, "dlq"),
+        [
+            ("b".to_owned(), InFlight),
+            ("c".to_owned(), InFlight),
+            ("d".to_owned(), Ready),
+            ("x".to_owned(), Ready),
+            ("y".to_owned(), Ready)
+        ]
+    );
+    verify_clean(&db);
+
+    // Purge takes the lane and the delayed, not what is in flight.
+    db.write(|txn| {
+        txn.enqueue("dlq", &Message::new("z"))?;
+        txn.enqueue_with(
+            "dlq",
+            &Message::new("later"),
+            EnqueueOptions {
+                delay_ms: 10,
+                ..Default::default()
+            },
+        )
+    })
+    .unwrap();
+    assert_eq!(db.write(|txn| txn.purge_queue("dlq")).unwrap(), 5);
+    let info = db.read(|r| r.queue_info("dlq")).unwrap();
+    assert_eq!((info.ready, info.delayed, info.in_flight), (0, 0, 2));
+    verify_clean(&db);
+}
+
+/// A file written by a build of format 1 (no FIFO lane) is read as it is, and upgraded by the
+/// first writable open; its messages keep their order ahead of new ones.
+#[test]
+fn a_format_1_file_is_read_and_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.mqlite");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/format1.mqlite"),
+        &path,
+    )
+    .unwrap();
+    let old = Database::builder().open_read_only(&path).unwrap();
+    let snapshot = old.begin_read().unwrap();
+    assert_eq!(snapshot.format_version().unwrap(), 1);
+    let held = snapshot.browse_queue("q", 0, 10).unwrap();
+    drop(snapshot);
+    assert_eq!(held.len(), 3);
+    drop(old);
+    let db = Database::open(&path).unwrap();
+    assert_eq!(db.read(|r| r.format_version()).unwrap(), 2);
+    verify_clean(&db);
+    enqueue(&db, "q", "new");
+    let got = db.write(|txn| txn.receive("q", 10)).unwrap();
+    let sequences: Vec<u64> = got.iter().map(|d| d.lease.sequence).collect();
+    assert_eq!(sequences, [0, 1, 2, 3]);
+    assert_eq!(got[3].message.payload, b"new");
+    let payloads_before: Vec<_> = held.iter().map(|m| m.message.payload.clone()).collect();
+    let payloads_now: Vec<_> = got[..3].iter().map(|d| d.message.payload.clone()).collect();
+    assert_eq!(payloads_now, payloads_before);
+    drop(db);
+    assert!(Database::open(&path).is_ok(), "the upgraded file reopens");
+}
+
 #[test]
 fn ack_many_settles_a_batch_or_nothing_when_a_lease_is_stale() {
     let (db, _) = db_with_clock();

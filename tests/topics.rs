@@ -387,7 +387,7 @@ fn bad_files_are_refused_and_left_byte_identical() {
             e,
             Error::FormatTooNew {
                 found: 99,
-                supported: 1
+                supported: 2
             }
         )
     });
