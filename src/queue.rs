@@ -1,10 +1,14 @@
 //! Work queues: leases, ack / nack / extend, delays, priorities, dead-lettering.
 //!
-//! Every entry is in exactly one state: ready (listed in `QUEUE_READY`), delayed or in flight
-//! (listed in `QUEUE_TIMERS` under the time it comes due). Receive first moves due timers back
-//! to ready (a delay ran out, or a lease expired), then leases the first ready entries. The
-//! delivery count is written in the same commit that hands the entry out; a lease settled in
-//! the transaction that granted it is never written at all (see [`UnwrittenLeases`]).
+//! A message a queue holds is in one of two places. Messages enqueued at the default priority
+//! without a delay go to the queue's FIFO lane (`QUEUE_FIFO`): record batches, received from
+//! a head sequence, the common case and the cheap one. Every other message is an entry in
+//! exactly one state: ready (listed in `QUEUE_READY`), delayed or in flight (listed in
+//! `QUEUE_TIMERS` under the time it comes due). Receive first moves due timers back to ready
+//! (a delay ran out, or a lease expired), then leases the first ready messages of both places
+//! in one order: higher priority first, then the lower sequence. The delivery count is written
+//! in the same commit that hands the message out; a lease settled in the transaction that
+//! granted it is never written at all (see [`Unwritten`]).
 
 use std::collections::BTreeMap;
 
