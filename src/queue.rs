@@ -804,7 +804,7 @@ impl<'t> QueueOp<'t> {
 
     /// Leases the ready entry `seq`, which the caller took out of the ready index and the
     /// ready count, or dead-letters it when it expired or used up its deliveries (then returns
-    /// `None`). The lease itself is written at commit (see [`UnwrittenLeases`]).
+    /// `None`). The lease itself is written at commit (see [`Unwritten`]).
     fn lease(
         &mut self,
         seq: u64,
