@@ -802,20 +802,21 @@ pub(crate) fn encode_queue_batch(items: &[(u64, QueueEntry)]) -> Vec<u8> {
     w.finish()
 }
 
-/// Decodes the entries of a FIFO-lane batch from sequence `from` on, up to `max` of them
-/// (the ones before `from` are checked but not copied).
+/// Decodes the entries of a FIFO-lane batch from sequence `from` on, up to `max` of them,
+/// onto `out` (the ones before `from` are checked but not copied).
 pub(crate) fn decode_queue_batch(
     bytes: &[u8],
     from: u64,
     max: usize,
-) -> Result<Vec<(u64, QueueEntry)>> {
+    out: &mut Vec<(u64, QueueEntry)>,
+) -> Result<()> {
     const WHAT: &str = "queue batch";
     let mut r = Reader::open(bytes, Kind::QueueBatch, WHAT)?;
     let count = r.u32()? as usize;
     if count == 0 || count > r.remaining() / 60 + 1 {
         return Err(Error::corrupted(format!("{WHAT}: count {count}")));
     }
-    let mut out = Vec::new();
+    let limit = out.len() + max;
     let mut last = None;
     for _ in 0..count {
         let seq = r.u64()?;
@@ -823,14 +824,13 @@ pub(crate) fn decode_queue_batch(
             return Err(Error::corrupted(format!("{WHAT}: sequences out of order")));
         }
         last = Some(seq);
-        if seq < from || out.len() >= max {
+        if seq < from || out.len() >= limit {
             skip_entry(&mut r)?;
         } else {
             out.push((seq, read_entry(&mut r)?));
         }
     }
-    r.finish()?;
-    Ok(out)
+    r.finish()
 }
 
 fn skip_entry(r: &mut Reader<'_>) -> Result<()> {

@@ -10,7 +10,7 @@
 //! in the same commit that hands the message out; a lease settled in the transaction that
 //! granted it is never written at all (see [`Unwritten`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use parking_lot::Mutex;
 use redb::ReadableTable;
@@ -388,7 +388,7 @@ struct QueueOp<'t> {
 /// [`Database::process_queue`]: crate::Database::process_queue
 #[derive(Default)]
 pub(crate) struct Unwritten {
-    leases: BTreeMap<(u64, u64), UnwrittenLease>,
+    leases: HashMap<(u64, u64), UnwrittenLease>,
     appends: BTreeMap<u64, Vec<(u64, QueueEntry)>>,
     heads: BTreeMap<u64, u64>,
 }
@@ -417,7 +417,10 @@ pub(crate) fn write_unwritten(txn: &WriteTransaction<'_>) -> Result<()> {
     }
     let mut entries = txn.table(QUEUE_ENTRIES)?;
     let mut timers = txn.table(QUEUE_TIMERS)?;
-    for ((id, seq), lease) in pending.leases {
+    // In key order: neighbouring inserts land in the same pages.
+    let mut leases: Vec<_> = pending.leases.into_iter().collect();
+    leases.sort_unstable_by_key(|(key, _)| *key);
+    for ((id, seq), lease) in leases {
         let head = lease.head;
         let bytes = if lease.in_lane {
             let mut entry = match read_lane(&fifo, id, seq, 1)?.pop() {
@@ -466,20 +469,20 @@ pub(crate) fn read_lane(
     for item in fifo.range((id, from)..=(id, u64::MAX))? {
         let (key, value) = item?;
         let (queue_id, last) = key.value();
-        let mut part = codec::decode_queue_batch(value.value(), from, max - out.len())?;
-        // A damaged key can break the tree's order; report it rather than return it.
         let after = out.last().map(|(seq, _)| *seq);
+        let start = out.len();
+        codec::decode_queue_batch(value.value(), from, max - start, &mut out)?;
+        // A damaged key can break the tree's order; report it rather than return it.
         if queue_id != id
-            || part.last().is_some_and(|(seq, _)| *seq > last)
-            || part
-                .first()
+            || out.last().is_some_and(|(seq, _)| *seq > last)
+            || out
+                .get(start)
                 .is_some_and(|(seq, _)| after.is_some_and(|a| *seq <= a))
         {
             return Err(Error::corrupted(format!(
                 "queue FIFO lane of queue {id}: batch keys out of order at {last}"
             )));
         }
-        out.append(&mut part);
         if out.len() >= max {
             break;
         }
@@ -1145,7 +1148,7 @@ impl WriteTransaction<'_> {
         let mut op = QueueOp::open(self, queue)?;
         op.promote_due()?;
         let id = op.id();
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(max.min(1024));
         while out.len() < max {
             // One read of each source per round: the ready index (priorities, redeliveries)
             // and the FIFO lane. Higher priorities go first, then the lower sequence.
@@ -1158,14 +1161,16 @@ impl WriteTransaction<'_> {
                 .take(want)
                 .map(|e| e.map(|(k, _)| (k.value().1, k.value().2)))
                 .collect::<Result<_, _>>()?;
-            let mut lane = read_lane(&op.fifo, id, op.record.fifo_head, want)?.into_iter();
-            if indexed.is_empty() && lane.len() == 0 {
+            let lane = read_lane(&op.fifo, id, op.record.fifo_head, want)?;
+            if indexed.is_empty() && lane.is_empty() {
                 break;
             }
-            let mut picks = Vec::with_capacity(want);
-            let (mut from_index, mut next_lane) = (0, lane.next());
-            while picks.len() < want {
-                let take_index = match (indexed.get(from_index), &next_lane) {
+            // Decide the order on sequences alone (true: from the index), then lease, so
+            // that each decoded entry moves once, into its delivery.
+            let mut from_index = Vec::with_capacity(want);
+            let (mut i, mut l) = (0, 0);
+            while from_index.len() < want {
+                let index_first = match (indexed.get(i), lane.get(l)) {
                     (Some(&(rank, seq)), Some((lane_seq, _))) => {
                         rank < priority_rank(0) || seq < *lane_seq
                     }
@@ -1173,33 +1178,37 @@ impl WriteTransaction<'_> {
                     (None, Some(_)) => false,
                     (None, None) => break,
                 };
-                if take_index {
-                    picks.push(None);
-                    from_index += 1;
+                if index_first {
+                    i += 1;
                 } else {
-                    picks.push(next_lane.take());
-                    next_lane = lane.next();
+                    l += 1;
                 }
+                from_index.push(index_first);
             }
-            // The index keys taken are the first `from_index` in index order.
+            // The index keys taken are the first `i` in index order.
             let seqs: Vec<u64> = op
                 .ready
                 .extract_from_if((id, 0, 0)..=(id, u8::MAX, u64::MAX), |_, _| true)?
-                .take(from_index)
+                .take(i)
                 .map(|e| e.map(|(k, _)| k.value().2))
                 .collect::<Result<_, _>>()?;
             op.record.ready -= seqs.len() as u64;
             let mut entries = op.get_many(&seqs)?.into_iter().zip(seqs);
-            for pick in picks {
-                let delivery = match pick {
-                    Some((seq, entry)) => {
-                        op.take_from_lane(seq);
-                        op.lease(seq, Some(entry), true, queue)?
-                    }
-                    None => match entries.next() {
+            let mut lane = lane.into_iter();
+            for index_first in from_index {
+                let delivery = if index_first {
+                    match entries.next() {
                         Some((entry, seq)) => op.lease(seq, entry, false, queue)?,
                         None => return Err(Error::corrupted("queue ready index changed")),
-                    },
+                    }
+                } else {
+                    match lane.next() {
+                        Some((seq, entry)) => {
+                            op.take_from_lane(seq);
+                            op.lease(seq, Some(entry), true, queue)?
+                        }
+                        None => return Err(Error::corrupted("queue FIFO lane changed")),
+                    }
                 };
                 out.extend(delivery);
             }
@@ -1245,16 +1254,20 @@ impl WriteTransaction<'_> {
             // this transaction, which were never written.
             let mut written = Vec::with_capacity(group.len());
             let mut granted = Vec::new();
-            let mut seen = std::collections::HashSet::with_capacity(group.len());
+            // A lease listed twice is stale the second time: find duplicates by sorting.
+            let mut sequences: Vec<u64> = group.iter().map(|l| l.sequence).collect();
+            sequences.sort_unstable();
+            if sequences.windows(2).any(|w| w[0] == w[1]) {
+                return Err(Error::StaleLease {
+                    queue: queue.to_owned(),
+                });
+            }
             {
                 let unwritten = op.unwritten.lock();
                 for lease in group {
                     let stale = || Error::StaleLease {
                         queue: lease.queue.clone(),
                     };
-                    if !seen.insert(lease.sequence) {
-                        return Err(stale());
-                    }
                     match unwritten.leases.get(&(id, lease.sequence)) {
                         Some(held) if held.head.delivery_count == lease.delivery_count => {
                             granted.push((lease.sequence, held.in_lane));
