@@ -518,11 +518,11 @@ pub(crate) fn trim(
             keep_from = keep_from.max(min.min(record.next_offset));
         }
     }
-    let mut time = txn.table(LOG_TIME)?;
     if let Some(max_age) = retention.max_age_ms {
         let cutoff = now_ms.saturating_sub(max_age);
         // The first time-index entry at or after the cutoff starts what the age bound keeps.
-        let keep = match time
+        let keep = match txn
+            .table(LOG_TIME)?
             .range((record.id, cutoff)..=(record.id, u64::MAX))?
             .next()
         {
@@ -534,9 +534,11 @@ pub(crate) fn trim(
     let over_bytes = retention
         .max_bytes
         .is_some_and(|max| record.stored_bytes > max);
+    // Most publishes end here, without opening the log or its time index again.
     if keep_from <= record.first_offset && !over_bytes {
         return Ok(0);
     }
+    let mut time = txn.table(LOG_TIME)?;
     let mut log = txn.table(LOG)?;
     let mut removed = 0;
     while removed < budget && record.first_offset < record.next_offset {

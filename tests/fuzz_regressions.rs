@@ -57,4 +57,10 @@ fn operations() {
     // A few fixed sequences, so the check runs even before any input is saved.
     fuzz_checks::operations(&[0, 5, 2, 3, 3, 2, 4, 0, 6, 4, 0, 9, 2, 7, 5, 1]);
     fuzz_checks::operations(&[2, 1, 2, 2, 3, 3, 6, 10, 4, 1, 5, 0, 3, 1, 1, 200]);
+    // Batches of enqueues into the FIFO lane, consumed in the same transactions, with a
+    // power cut in the middle.
+    fuzz_checks::operations(&[6, 7, 7, 14, 6, 3, 8, 40, 7, 20, 3, 2, 4, 0, 7, 41, 6, 8]);
+    fuzz_checks::operations(&[
+        6, 8, 7, 5, 5, 0, 7, 47, 8, 5, 6, 2, 3, 3, 7, 13, 8, 90, 4, 1,
+    ]);
 }

@@ -145,6 +145,10 @@ enum Op {
     Receive(usize),
     Ack(usize),
     Nack(usize),
+    /// Several enqueues in one transaction (they reach the FIFO lane as one batch).
+    EnqueueMany(u8, u8),
+    /// Receive up to n and ack the first k of them in one transaction.
+    Consume(usize, usize),
     PowerCut(u64),
 }
 
@@ -153,13 +157,15 @@ fn parse(data: &[u8]) -> Vec<Op> {
     let mut it = data.iter().copied();
     while let Some(code) = it.next() {
         let arg = it.next().unwrap_or(0);
-        ops.push(match code % 7 {
+        ops.push(match code % 9 {
             0 => Op::Publish(vec![arg; usize::from(arg % 64)]),
             1 => Op::Commit(u64::from(arg)),
             2 => Op::Enqueue(vec![arg; usize::from(arg % 32)]),
             3 => Op::Receive(usize::from(arg % 4) + 1),
             4 => Op::Ack(usize::from(arg)),
             5 => Op::Nack(usize::from(arg)),
+            6 => Op::EnqueueMany(arg % 9 + 1, arg),
+            7 => Op::Consume(usize::from(arg % 6) + 1, usize::from(arg / 6 % 7)),
             _ => Op::PowerCut(u64::from(arg) * 3),
         });
     }
@@ -167,6 +173,24 @@ fn parse(data: &[u8]) -> Vec<Op> {
 }
 
 impl Model {
+    /// Leases the first `n` ready messages (sequence order: the queue has one priority);
+    /// returns their sequences.
+    fn lease_ready(&mut self, n: usize) -> Vec<u64> {
+        let ready: Vec<u64> = self
+            .queue
+            .iter()
+            .filter(|(_, (_, l, _))| !*l)
+            .map(|(s, _)| *s)
+            .take(n)
+            .collect();
+        for s in &ready {
+            let entry = self.queue.get_mut(s).unwrap();
+            entry.1 = true;
+            entry.2 += 1;
+        }
+        ready
+    }
+
     fn leased(&self, pick: usize) -> Option<(u64, u32)> {
         let leased: Vec<(u64, u32)> = self
             .queue
@@ -204,19 +228,37 @@ impl Model {
                     .is_ok()
             }
             Op::Receive(n) => {
-                let ready: Vec<u64> = next
-                    .queue
-                    .iter()
-                    .filter(|(_, (_, l, _))| !*l)
-                    .map(|(s, _)| *s)
-                    .take(*n)
-                    .collect();
-                for s in ready {
-                    let entry = next.queue.get_mut(&s).unwrap();
-                    entry.1 = true;
-                    entry.2 += 1;
-                }
+                next.lease_ready(*n);
                 db.write(|txn| txn.receive("q", *n)).is_ok()
+            }
+            Op::EnqueueMany(count, byte) => {
+                let payloads: Vec<Vec<u8>> = (0..*count)
+                    .map(|i| vec![byte.wrapping_add(i); usize::from(i % 5)])
+                    .collect();
+                for p in &payloads {
+                    next.queue.insert(next.next_seq, (p.clone(), false, 0));
+                    next.next_seq += 1;
+                }
+                db.write(|txn| {
+                    for p in &payloads {
+                        txn.enqueue("q", &Message::new(p.clone()))?;
+                    }
+                    Ok::<_, mqlite::Error>(())
+                })
+                .is_ok()
+            }
+            Op::Consume(n, acks) => {
+                for seq in next.lease_ready(*n).into_iter().take(*acks) {
+                    next.queue.remove(&seq);
+                }
+                db.write(|txn| {
+                    let got = txn.receive("q", *n)?;
+                    for d in got.iter().take(*acks) {
+                        txn.ack(&d.lease)?;
+                    }
+                    Ok::<_, mqlite::Error>(())
+                })
+                .is_ok()
             }
             Op::Ack(pick) => match self.leased(*pick) {
                 Some((seq, d)) => {
