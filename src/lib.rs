@@ -26,6 +26,13 @@ mod outbox;
 mod queue;
 mod relay;
 mod routing;
+#[cfg(any(
+    feature = "amqp",
+    feature = "kafka",
+    feature = "mqtt",
+    feature = "nats"
+))]
+mod runtime;
 mod schema;
 mod store;
 #[cfg(feature = "async")]

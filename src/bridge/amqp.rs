@@ -36,10 +36,7 @@ impl AmqpSource {
     ///
     /// When the private runtime cannot start.
     pub fn new(uri: &str, queue: &str) -> Result<Self, SourceError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(SourceError::new)?;
+        let runtime = crate::runtime::private().map_err(SourceError::new)?;
         Ok(AmqpSource {
             uri: uri.to_owned(),
             queue: queue.to_owned(),

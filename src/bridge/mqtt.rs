@@ -37,10 +37,7 @@ impl MqttSource {
     ///
     /// When the private runtime cannot start.
     pub fn new(host: &str, port: u16, client_id: &str, filter: &str) -> Result<Self, SourceError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(SourceError::new)?;
+        let runtime = crate::runtime::private().map_err(SourceError::new)?;
         let mut options = MqttOptions::new(client_id, host, port);
         options.set_clean_start(false);
         options.set_session_expiry_interval(Some(3600));

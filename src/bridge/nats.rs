@@ -36,10 +36,7 @@ impl NatsSource {
     ///
     /// When the private runtime cannot start.
     pub fn new(url: &str, stream: &str, durable: &str, filter: &str) -> Result<Self, SourceError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(SourceError::new)?;
+        let runtime = crate::runtime::private().map_err(SourceError::new)?;
         Ok(NatsSource {
             url: url.to_owned(),
             stream: stream.to_owned(),

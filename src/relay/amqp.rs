@@ -42,10 +42,7 @@ impl AmqpSink {
     ///
     /// When the private runtime cannot start.
     pub fn new(uri: impl Into<String>, exchange: impl Into<String>) -> Result<Self, SinkError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| SinkError::new(0, e))?;
+        let runtime = crate::runtime::private().map_err(|e| SinkError::new(0, e))?;
         Ok(AmqpSink {
             uri: uri.into(),
             exchange: exchange.into(),

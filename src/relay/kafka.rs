@@ -59,10 +59,7 @@ impl KafkaSink {
             config.set(*key, *value);
         }
         let producer = config.create().map_err(|e| SinkError::new(0, e))?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| SinkError::new(0, e))?;
+        let runtime = crate::runtime::private().map_err(|e| SinkError::new(0, e))?;
         Ok(KafkaSink {
             producer,
             runtime,

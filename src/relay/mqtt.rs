@@ -46,10 +46,7 @@ impl MqttSink {
     ///
     /// When the private runtime cannot start.
     pub fn new(host: &str, port: u16, client_id: &str) -> Result<Self, SinkError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| SinkError::new(0, e))?;
+        let runtime = crate::runtime::private().map_err(|e| SinkError::new(0, e))?;
         let mut options = MqttOptions::new(client_id, host, port);
         options.set_keep_alive(Duration::from_secs(30));
         Ok(MqttSink {

@@ -39,10 +39,7 @@ impl NatsSink {
     ///
     /// When the private runtime cannot start.
     pub fn new(url: impl Into<String>) -> Result<Self, SinkError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| SinkError::new(0, e))?;
+        let runtime = crate::runtime::private().map_err(|e| SinkError::new(0, e))?;
         Ok(NatsSink {
             url: url.into(),
             runtime,
