@@ -178,7 +178,8 @@ impl Database {
         for delivery in &deliveries {
             self.write(|txn| {
                 let mut one = ProcessReport::default();
-                settle_delivery(txn, queue, delivery, &mut one, &mut handler)?;
+                run_handler(txn, queue, delivery, &mut one, &mut handler)?;
+                txn.ack(&delivery.lease)?;
                 Ok::<_, E>(one)
             })
             .map(|one| {
@@ -188,19 +189,6 @@ impl Database {
         }
         Ok(report)
     }
-}
-
-/// Runs the handler for a delivery unless its id was seen, records it, and acks it.
-fn settle_delivery<E: From<Error>>(
-    txn: &WriteTransaction<'_>,
-    scope: &str,
-    delivery: &Delivery,
-    report: &mut ProcessReport,
-    handler: &mut impl FnMut(&WriteTransaction<'_>, &Delivery) -> Result<(), E>,
-) -> Result<(), E> {
-    run_handler(txn, scope, delivery, report, handler)?;
-    txn.ack(&delivery.lease)?;
-    Ok(())
 }
 
 /// Runs the handler for a delivery unless its id was seen, and records the id.
