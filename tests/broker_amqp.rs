@@ -9,12 +9,11 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{
-    DiesAfterConfirm, DiesBeforeAck, Gate, drain, offline_backlog_then_drain, require_service,
-    unique,
+    DiesAfterConfirm, DiesBeforeAck, Gate, offline_backlog_then_drain, require_service,
+    resend_after_confirm, unique,
 };
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -60,18 +59,7 @@ fn rabbitmq_backlog_drains_in_order_duplicates_are_dropped_and_the_bridge_lands_
     let armed = sink.armed.clone();
     let (source, clock, mut relay) = offline_backlog_then_drain(sink, |up| gate.set(up), N, &queue);
 
-    source
-        .write(|txn| {
-            for i in N..N + 100 {
-                txn.outbox_put(&queue, &Message::new(i.to_le_bytes().to_vec()))?;
-            }
-            Ok::<_, mqlite::Error>(())
-        })
-        .unwrap();
-    armed.store(true, Ordering::SeqCst);
-    assert!(relay.run_once().unwrap().failure.is_some());
-    drain(&source, &clock, &mut relay);
-    let total = N + 100;
+    let total = resend_after_confirm(&source, &clock, &mut relay, &armed, &queue, N);
 
     let local = Database::in_memory().unwrap();
     local

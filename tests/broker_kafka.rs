@@ -8,10 +8,9 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{DiesAfterConfirm, drain, offline_backlog_then_drain, unique};
+use common::{DiesAfterConfirm, offline_backlog_then_drain, resend_after_confirm, unique};
 use mqlite::{Database, Dedup, KafkaSink, Message, MessageId, TopicConfig};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -37,18 +36,7 @@ fn kafka_backlog_drains_in_order_and_the_consumer_has_one_effect_per_message() {
         }
     };
     let (source, clock, mut relay) = offline_backlog_then_drain(sink, reachable, N, topic);
-    source
-        .write(|txn| {
-            for i in N..N + 100 {
-                txn.outbox_put(topic, &Message::new(i.to_le_bytes().to_vec()))?;
-            }
-            Ok::<_, mqlite::Error>(())
-        })
-        .unwrap();
-    armed.store(true, Ordering::SeqCst);
-    assert!(relay.run_once().unwrap().failure.is_some());
-    drain(&source, &clock, &mut relay);
-    let total = N + 100;
+    let total = resend_after_confirm(&source, &clock, &mut relay, &armed, topic, N);
 
     // Read the topic back and apply each record idempotently.
     let consumer: BaseConsumer = ClientConfig::new()

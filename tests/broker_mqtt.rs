@@ -9,14 +9,13 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{
     DiesAfterConfirm, DiesBeforeAck, Gate, drain, offline_backlog_then_drain_paced,
-    require_service, unique,
+    require_service, resend_after_confirm, unique,
 };
-use mqlite::{Bridge, BridgeTarget, Database, Message, MqttSink, MqttSource, TopicConfig};
+use mqlite::{Bridge, BridgeTarget, Database, MqttSink, MqttSource, TopicConfig};
 
 const N: u32 = 10_000;
 
@@ -71,17 +70,14 @@ fn mqtt_backlog_drains_in_order_duplicates_are_dropped_and_the_bridge_lands_each
             panic!("the bridge fell behind: {} of {sent}", inbox_len());
         },
     );
-    db.write(|txn| {
-        for i in N..N + 100 {
-            txn.outbox_put(&destination, &Message::new(i.to_le_bytes().to_vec()))?;
-        }
-        Ok::<_, mqlite::Error>(())
-    })
-    .unwrap();
-    armed.store(true, Ordering::SeqCst);
-    assert!(relay.run_once().unwrap().failure.is_some());
-    drain(&db, &clock, &mut relay);
-    let total = u64::from(N + 100);
+    let total = u64::from(resend_after_confirm(
+        &db,
+        &clock,
+        &mut relay,
+        &armed,
+        &destination,
+        N,
+    ));
 
     // Let the running bridge take part of the stream, then kill one between commit and ack.
     let wait_for = |count: u64| {

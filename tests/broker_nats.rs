@@ -8,14 +8,13 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{
-    DiesAfterConfirm, DiesBeforeAck, Gate, drain, offline_backlog_then_drain, require_service,
-    unique,
+    DiesAfterConfirm, DiesBeforeAck, Gate, offline_backlog_then_drain, require_service,
+    resend_after_confirm, unique,
 };
-use mqlite::{Bridge, BridgeTarget, Database, Message, NatsSink, NatsSource, TopicConfig};
+use mqlite::{Bridge, BridgeTarget, Database, NatsSink, NatsSource, TopicConfig};
 
 const N: u32 = 10_000;
 
@@ -37,18 +36,7 @@ fn nats_backlog_drains_in_order_duplicates_are_dropped_and_the_bridge_lands_each
         offline_backlog_then_drain(sink, |up| gate.set(up), N, &subject);
 
     // Killed between the broker's confirm and the mark-delivered commit: re-sent, deduplicated.
-    source
-        .write(|txn| {
-            for i in N..N + 100 {
-                txn.outbox_put(&subject, &Message::new(i.to_le_bytes().to_vec()))?;
-            }
-            Ok::<_, mqlite::Error>(())
-        })
-        .unwrap();
-    armed.store(true, Ordering::SeqCst);
-    assert!(relay.run_once().unwrap().failure.is_some());
-    drain(&source, &clock, &mut relay);
-    let total = N + 100;
+    let total = resend_after_confirm(&source, &clock, &mut relay, &armed, &subject, N);
 
     // Read the stream back through the bridge, killing it once between commit and ack.
     let local = Database::in_memory().unwrap();

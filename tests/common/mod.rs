@@ -482,6 +482,31 @@ pub fn offline_backlog_then_drain_paced<S: mqlite::Sink>(
     );
 }
 
+/// The relay killed between the broker's confirm and its mark-delivered commit: 100 more
+/// rows (`from..from + 100`) go out, the armed sink reports a failure after the broker
+/// confirmed them, and the next steps send them again; the far side must deduplicate. Returns
+/// how many rows were sent in all (`from + 100`).
+pub fn resend_after_confirm<S: mqlite::Sink>(
+    db: &mqlite::Database,
+    clock: &mqlite::ManualClock,
+    relay: &mut mqlite::Relay<S>,
+    armed: &std::sync::atomic::AtomicBool,
+    destination: &str,
+    from: u32,
+) -> u32 {
+    db.write(|txn| {
+        for i in from..from + 100 {
+            txn.outbox_put(destination, &mqlite::Message::new(i.to_le_bytes().to_vec()))?;
+        }
+        Ok::<_, mqlite::Error>(())
+    })
+    .unwrap();
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(relay.run_once().unwrap().failure.is_some());
+    drain(db, clock, relay);
+    from + 100
+}
+
 /// Steps the relay until the outbox is empty (bounded).
 pub fn drain<S: mqlite::Sink>(
     db: &mqlite::Database,
