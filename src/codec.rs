@@ -397,14 +397,16 @@ pub(crate) fn decode_batch(bytes: &[u8], what: &'static str) -> Result<Vec<Messa
 }
 
 /// Decodes up to `max` messages of a record batch after skipping its first `skip` (which are
-/// checked but not copied): a read that starts inside a batch, or stops inside one, decodes
-/// only what it returns. Returns the batch's message count too.
+/// checked but not copied), handing each to `take` with its index in the batch: a read that
+/// starts inside a batch, or stops inside one, decodes only what it returns, and each message
+/// moves once, into the caller's result. Returns the batch's message count.
 pub(crate) fn decode_batch_part(
     bytes: &[u8],
     what: &'static str,
     skip: usize,
     max: usize,
-) -> Result<(usize, Vec<Message>)> {
+    mut take: impl FnMut(usize, Message),
+) -> Result<usize> {
     let mut r = Reader::open(bytes, Kind::Batch, what)?;
     let count = r.u32()? as usize;
     if count == 0 || count > r.remaining() / 45 + 1 {
@@ -414,14 +416,13 @@ pub(crate) fn decode_batch_part(
         skip_message(&mut r)?;
     }
     let wanted = count.saturating_sub(skip).min(max);
-    let mut out = Vec::with_capacity(wanted);
-    for _ in 0..wanted {
-        out.push(read_message(&mut r)?);
+    for i in 0..wanted {
+        take(skip + i, read_message(&mut r)?);
     }
     if skip + wanted == count {
         r.finish()?;
     }
-    Ok((count, out))
+    Ok(count)
 }
 
 /// Steps over one message body, checking it as [`read_message`] does, without copying it.

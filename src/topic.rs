@@ -210,11 +210,17 @@ pub(crate) fn read_records(
         let skip = start.saturating_sub(base);
         let room = (max - out.len())
             .min(usize::try_from(topic.next_offset - base.max(start)).unwrap_or(usize::MAX));
-        let (count, messages) = codec::decode_batch_part(
+        let count = codec::decode_batch_part(
             value.value(),
             "topic log",
             usize::try_from(skip).unwrap_or(usize::MAX),
             room,
+            |i, message| {
+                out.push(Record {
+                    offset: base + i as u64,
+                    message,
+                });
+            },
         )?;
         if skip >= count as u64 {
             return Err(corrupted(format!(
@@ -222,11 +228,6 @@ pub(crate) fn read_records(
             )));
         }
         expected = Some(base + count as u64);
-        let first = base + skip;
-        out.extend(messages.into_iter().enumerate().map(|(i, message)| Record {
-            offset: first + i as u64,
-            message,
-        }));
         if out.len() == max {
             return Ok(out);
         }
