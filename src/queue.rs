@@ -380,7 +380,7 @@ struct QueueOp<'t> {
 /// - Leases. A receive takes its entries out of the ready index (or the FIFO lane) and counts
 ///   them in flight at once, but writes their new state (in flight, delivery count, lease
 ///   expiry, timer) only at commit. A receive and an ack in the same transaction (the consume
-///   pattern, and [`Database::process_queue`]) then never write the lease at all.
+///   pattern) then never write the lease at all.
 /// - Appends to FIFO lanes. Messages enqueued at the default priority without a delay are
 ///   written at commit as record batches (like a topic's), so that a transaction enqueuing
 ///   many writes a few batches instead of an entry and an index key each.
@@ -389,8 +389,6 @@ struct QueueOp<'t> {
 ///
 /// Nothing outside the transaction can see the difference, since nothing outside sees it
 /// before it commits.
-///
-/// [`Database::process_queue`]: crate::Database::process_queue
 #[derive(Default)]
 pub(crate) struct Unwritten {
     leases: HashMap<(u64, u64), UnwrittenLease, BuildHasherDefault<SequenceHasher>>,
@@ -444,13 +442,34 @@ pub(crate) fn write_unwritten(txn: &WriteTransaction<'_>) -> Result<()> {
     }
     let mut entries = txn.table(QUEUE_ENTRIES)?;
     let mut timers = txn.table(QUEUE_TIMERS)?;
-    // In key order: neighbouring inserts land in the same pages.
+    // In key order: neighbouring inserts land in the same pages, and the leases taken from a
+    // lane are found in one pass over it.
     let mut leases: Vec<_> = pending.leases.into_iter().collect();
     leases.sort_unstable_by_key(|(key, _)| *key);
-    for ((id, seq), lease) in leases {
-        let head = lease.head;
+    let mut lane: std::iter::Peekable<std::vec::IntoIter<(u64, QueueEntry)>> =
+        Vec::new().into_iter().peekable();
+    let mut lane_id = None;
+    for (i, ((id, seq), lease)) in leases.iter().enumerate() {
+        let (id, seq, head) = (*id, *seq, lease.head);
         let bytes = if lease.in_lane {
-            let mut entry = match read_lane(&fifo, id, seq, 1)?.pop() {
+            if lane_id != Some(id) || lane.peek().is_none_or(|(s, _)| *s > seq) {
+                // Read the lane once over the run of this queue's lane leases from here, or
+                // only this entry when the run is sparse.
+                let run = leases[i..]
+                    .iter()
+                    .take_while(|((other, _), l)| *other == id && l.in_lane)
+                    .count();
+                let run_end = leases[i + run - 1].0.1;
+                let max = if dense(run, seq, run_end) {
+                    usize::try_from(run_end - seq + 1).unwrap_or(usize::MAX)
+                } else {
+                    1
+                };
+                lane = read_lane(&fifo, id, seq, max)?.into_iter().peekable();
+                lane_id = Some(id);
+            }
+            while lane.next_if(|(s, _)| *s < seq).is_some() {}
+            let mut entry = match lane.next() {
                 Some((found, entry)) if found == seq => entry,
                 _ => return Err(Error::corrupted("a leased queue entry left its FIFO lane")),
             };

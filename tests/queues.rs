@@ -989,6 +989,51 @@ fn the_fifo_lane_and_the_ready_index_keep_one_order() {
     verify_clean(&db);
 }
 
+/// Leases taken from the FIFO lane and kept past their transaction get entries of their own
+/// at commit, whether they lie close together in the lane or far apart.
+#[test]
+fn lane_leases_kept_past_their_transaction_are_written_dense_or_sparse() {
+    let (db, _) = db_with_clock();
+    queue(&db, "q", QueueConfig::default());
+    db.write(|txn| {
+        txn.enqueue("q", &Message::new("a"))?;
+        for _ in 0..300 {
+            let later = EnqueueOptions {
+                delay_ms: 60_000,
+                ..Default::default()
+            };
+            txn.enqueue_with("q", &Message::new("later"), later)?;
+        }
+        txn.enqueue("q", &Message::new("b"))?;
+        for i in 0..500 {
+            txn.enqueue("q", &Message::new(format!("m{i}")))?;
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    // a and b lie 300 sequences apart; the 500 after b lie together.
+    let sparse = db.write(|txn| txn.receive("q", 2)).unwrap();
+    assert_eq!(payloads(&sparse), ["a", "b"]);
+    let dense = db.write(|txn| txn.receive("q", 500)).unwrap();
+    assert_eq!(dense.len(), 500);
+    let held = db.read(|r| r.browse_queue("q", 0, 1_000)).unwrap();
+    let in_flight = held
+        .iter()
+        .filter(|m| m.state == mqlite::EntryState::InFlight && m.delivery_count == 1)
+        .count();
+    assert_eq!(in_flight, 502);
+    verify_clean(&db);
+    let leases: Vec<_> = sparse
+        .iter()
+        .chain(&dense)
+        .map(|d| d.lease.clone())
+        .collect();
+    db.write(|txn| txn.ack_many(&leases)).unwrap();
+    let info = db.read(|r| r.queue_info("q")).unwrap();
+    assert_eq!((info.ready, info.delayed, info.in_flight), (0, 300, 0));
+    verify_clean(&db);
+}
+
 /// A file written by a build of format 1 (no FIFO lane) is read as it is, and upgraded by the
 /// first writable open; its messages keep their order ahead of new ones.
 #[test]
