@@ -442,53 +442,42 @@ pub(crate) fn write_unwritten(txn: &WriteTransaction<'_>) -> Result<()> {
     }
     let mut entries = txn.table(QUEUE_ENTRIES)?;
     let mut timers = txn.table(QUEUE_TIMERS)?;
-    // In key order: neighbouring inserts land in the same pages, and the leases taken from a
-    // lane are found in one pass over it.
+    // In key order, so that neighbouring inserts land in the same pages; each run of one
+    // queue's lane leases is read from the lane together.
     let mut leases: Vec<_> = pending.leases.into_iter().collect();
     leases.sort_unstable_by_key(|(key, _)| *key);
-    let mut lane: std::iter::Peekable<std::vec::IntoIter<(u64, QueueEntry)>> =
-        Vec::new().into_iter().peekable();
-    let mut lane_id = None;
-    for (i, ((id, seq), lease)) in leases.iter().enumerate() {
-        let (id, seq, head) = (*id, *seq, lease.head);
-        let bytes = if lease.in_lane {
-            if lane_id != Some(id) || lane.peek().is_none_or(|(s, _)| *s > seq) {
-                // Read the lane once over the run of this queue's lane leases from here, or
-                // only this entry when the run is sparse.
-                let run = leases[i..]
-                    .iter()
-                    .take_while(|((other, _), l)| *other == id && l.in_lane)
-                    .count();
-                let run_end = leases[i + run - 1].0.1;
-                let max = if dense(run, seq, run_end) {
-                    usize::try_from(run_end - seq + 1).unwrap_or(usize::MAX)
-                } else {
-                    1
-                };
-                lane = read_lane(&fifo, id, seq, max)?.into_iter().peekable();
-                lane_id = Some(id);
-            }
-            while lane.next_if(|(s, _)| *s < seq).is_some() {}
-            let mut entry = match lane.next() {
-                Some((found, entry)) if found == seq => entry,
-                _ => return Err(Error::corrupted("a leased queue entry left its FIFO lane")),
-            };
-            entry.state = head.state;
-            entry.delivery_count = head.delivery_count;
-            entry.due_ms = head.due_ms;
-            codec::encode_entry(&entry)
+    for run in leases.chunk_by(|((a, _), x), ((b, _), y)| a == b && x.in_lane == y.in_lane) {
+        let id = run[0].0.0;
+        let mut from_lane = if run[0].1.in_lane {
+            let seqs: Vec<u64> = run.iter().map(|((_, seq), _)| *seq).collect();
+            Some(lane_entries(&fifo, id, &seqs)?.into_iter())
         } else {
-            match entries.get((id, seq))? {
-                Some(v) => codec::restate_entry(v.value(), head)?,
-                None => {
-                    return Err(Error::corrupted(
-                        "a leased queue entry vanished before commit",
-                    ));
-                }
-            }
+            None
         };
-        entries.insert((id, seq), bytes.as_slice())?;
-        timers.insert((id, head.due_ms, seq), ())?;
+        for ((_, seq), lease) in run {
+            let (seq, head) = (*seq, lease.head);
+            let bytes = match &mut from_lane {
+                Some(found) => {
+                    let Some(mut entry) = found.next() else {
+                        return Err(Error::corrupted("a leased queue entry left its FIFO lane"));
+                    };
+                    entry.state = head.state;
+                    entry.delivery_count = head.delivery_count;
+                    entry.due_ms = head.due_ms;
+                    codec::encode_entry(&entry)
+                }
+                None => match entries.get((id, seq))? {
+                    Some(v) => codec::restate_entry(v.value(), head)?,
+                    None => {
+                        return Err(Error::corrupted(
+                            "a leased queue entry vanished before commit",
+                        ));
+                    }
+                },
+            };
+            entries.insert((id, seq), bytes.as_slice())?;
+            timers.insert((id, head.due_ms, seq), ())?;
+        }
     }
     for (id, head) in pending.heads {
         fifo.retain_in((id, 0)..(id, head), |_, _| false)?;
@@ -500,6 +489,42 @@ pub(crate) fn write_unwritten(txn: &WriteTransaction<'_>) -> Result<()> {
 pub(crate) type Lanes<'t> = redb::Table<'t, (u64, u64), &'static [u8]>;
 /// The FIFO lanes table in a snapshot.
 pub(crate) type LanesSnapshot = redb::ReadOnlyTable<(u64, u64), &'static [u8]>;
+
+/// The lane entries `seqs` (ascending), in that order: read with one pass when they lie close
+/// together, as [`QueueOp::get_many`] reads entries, else one lookup each.
+fn lane_entries(
+    fifo: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    id: u64,
+    seqs: &[u64],
+) -> Result<Vec<QueueEntry>> {
+    let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+        return Ok(Vec::new());
+    };
+    let found = if dense(seqs.len(), first, last) {
+        read_lane(
+            fifo,
+            id,
+            first,
+            usize::try_from(last - first + 1).unwrap_or(usize::MAX),
+        )?
+    } else {
+        let mut found = Vec::with_capacity(seqs.len());
+        for &seq in seqs {
+            found.extend(read_lane(fifo, id, seq, 1)?);
+        }
+        found
+    };
+    let mut found = found.into_iter().peekable();
+    seqs.iter()
+        .map(|&seq| {
+            while found.next_if(|(s, _)| *s < seq).is_some() {}
+            match found.next() {
+                Some((s, entry)) if s == seq => Ok(entry),
+                _ => Err(Error::corrupted("a leased queue entry left its FIFO lane")),
+            }
+        })
+        .collect()
+}
 
 /// Up to `max` entries of a queue's FIFO lane from sequence `from` on, in sequence order.
 pub(crate) fn read_lane(
