@@ -362,7 +362,9 @@ struct QueueOp<'t> {
     entries: redb::Table<'t, (u64, u64), &'static [u8]>,
     ready: redb::Table<'t, (u64, u8, u64), ()>,
     timers: redb::Table<'t, (u64, u64, u64), ()>,
-    fifo: redb::Table<'t, (u64, u64), &'static [u8]>,
+    /// Opened on first use: enqueue and ack seldom need it.
+    fifo: Option<Lanes<'t>>,
+    txn: &'t redb::WriteTransaction,
     now_ms: u64,
     /// Entries bound for another queue, inserted by `store` once these tables are closed.
     dead_letters: Vec<(String, QueueEntry)>,
@@ -571,7 +573,8 @@ impl<'t> QueueOp<'t> {
             entries: txn.table(QUEUE_ENTRIES)?,
             ready: txn.table(QUEUE_READY)?,
             timers: txn.table(QUEUE_TIMERS)?,
-            fifo: txn.table(QUEUE_FIFO)?,
+            fifo: None,
+            txn: &txn.txn,
             now_ms: txn.now_ms(),
             dead_letters: Vec::new(),
             unwritten: &txn.unwritten,
@@ -590,6 +593,7 @@ impl<'t> QueueOp<'t> {
             ready,
             timers,
             fifo,
+            txn: _,
             now_ms: _,
             unwritten,
             granted,
@@ -620,6 +624,15 @@ impl<'t> QueueOp<'t> {
 
     fn id(&self) -> u64 {
         self.record.id
+    }
+
+    /// The FIFO lanes table, opened on first use.
+    fn lanes(&mut self) -> Result<&mut Lanes<'t>> {
+        let fifo = match self.fifo.take() {
+            Some(fifo) => fifo,
+            None => self.txn.open_table(QUEUE_FIFO)?,
+        };
+        Ok(self.fifo.insert(fifo))
     }
 
     fn get(&self, seq: u64) -> Result<Option<QueueEntry>> {
@@ -828,7 +841,7 @@ impl<'t> QueueOp<'t> {
 
     /// The first ready message in receive order: higher priorities first, then the lower
     /// sequence among the ready index, the FIFO lane and this transaction's appends to it.
-    fn first_ready(&self) -> Result<Option<Oldest>> {
+    fn first_ready(&mut self) -> Result<Option<Oldest>> {
         let id = self.id();
         let indexed = match self
             .ready
@@ -844,7 +857,8 @@ impl<'t> QueueOp<'t> {
             }
             None => None,
         };
-        let lane = read_lane(&self.fifo, id, self.record.fifo_head, 1)?.pop();
+        let head = self.record.fifo_head;
+        let lane = read_lane(self.lanes()?, id, head, 1)?.pop();
         let appended = self
             .unwritten
             .lock()
@@ -873,9 +887,10 @@ impl<'t> QueueOp<'t> {
     /// unwritten state first, so no lease points into the lane.
     fn unlane(&mut self) -> Result<()> {
         let id = self.id();
-        let items = read_lane(&self.fifo, id, self.record.fifo_head, usize::MAX)?;
-        self.fifo
-            .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        let head = self.record.fifo_head;
+        let fifo = self.lanes()?;
+        let items = read_lane(fifo, id, head, usize::MAX)?;
+        fifo.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
         self.record.fifo_head = self.record.next_seq;
         for (seq, entry) in items {
             self.record.ready -= 1;
@@ -1242,7 +1257,8 @@ impl WriteTransaction<'_> {
                 .take(want)
                 .map(|e| e.map(|(k, _)| (k.value().1, k.value().2)))
                 .collect::<Result<_, _>>()?;
-            let lane = read_lane(&op.fifo, id, op.record.fifo_head, want)?;
+            let head = op.record.fifo_head;
+            let lane = read_lane(op.lanes()?, id, head, want)?;
             if indexed.is_empty() && lane.is_empty() {
                 break;
             }
