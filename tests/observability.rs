@@ -44,9 +44,17 @@ impl Subscriber for Recorder {
 
 #[test]
 fn events_at_commit_relay_and_retention() {
-    let recorder = Recorder::default();
+    // The process-wide default, not a thread-scoped one: with a scoped subscriber, another
+    // test's thread hitting the same event first (with no subscriber) could leave tracing's
+    // per-callsite cache saying "nobody listens", and the event went missing under load.
+    static RECORDER: std::sync::OnceLock<Recorder> = std::sync::OnceLock::new();
+    let recorder = RECORDER.get_or_init(|| {
+        let recorder = Recorder::default();
+        tracing::subscriber::set_global_default(recorder.clone()).unwrap();
+        recorder
+    });
     let events = recorder.0.clone();
-    tracing::subscriber::with_default(recorder, || {
+    {
         let db = Database::in_memory().unwrap();
         db.write(|txn| {
             txn.create_topic(
@@ -76,7 +84,7 @@ fn events_at_commit_relay_and_retention() {
         relay.run_once().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(5));
         db.enforce_retention().unwrap();
-    });
+    }
     let events = events.lock();
     let has =
         |target: &str, text: &str| events.iter().any(|(t, m)| t == target && m.contains(text));
