@@ -313,9 +313,9 @@ pub(crate) fn split_batches<T>(
         }
         let mut bytes = BATCH_OVERHEAD;
         let mut n = 0;
-        while n < rest.len() && n < BATCH_ITEMS {
+        while n < rest.len() {
             let next = encoded_len(&rest[n]);
-            if n > 0 && bytes + next > BATCH_BYTES {
+            if !joins_batch(n, bytes, next) {
                 break;
             }
             bytes += next;
@@ -325,6 +325,68 @@ pub(crate) fn split_batches<T>(
         rest = tail;
         Some(chunk)
     })
+}
+
+/// Whether an item of `next` encoded bytes joins a record batch that holds `count` items in
+/// `bytes` (its overhead included): up to [`BATCH_ITEMS`] items and [`BATCH_BYTES`] bytes, and
+/// the first item always.
+fn joins_batch(count: usize, bytes: usize, next: usize) -> bool {
+    count == 0 || (count < BATCH_ITEMS && bytes + next <= BATCH_BYTES)
+}
+
+/// A topic record batch filled one message at a time, for appends a transaction holds back
+/// until commit. Messages join it by the rule of [`split_batches`], so the bytes each one adds
+/// to the log are known as it is added.
+pub(crate) struct OpenBatch {
+    w: Writer,
+    count: u32,
+}
+
+impl OpenBatch {
+    /// A batch of one message, stamped `now_ms` when it has no timestamp, with room for
+    /// `expected` encoded bytes of messages (more grow it; it never holds more than a batch).
+    pub(crate) fn new(message: &Message, now_ms: u64, expected: usize) -> Self {
+        let room = expected.clamp(encoded_len(message), BATCH_BYTES - BATCH_OVERHEAD);
+        let mut w = Writer::new(Kind::Batch, 4 + room);
+        w.u32(1);
+        write_message_at(&mut w, message, stamp(message, now_ms));
+        OpenBatch { w, count: 1 }
+    }
+
+    /// Adds `message` if it joins the batch; returns whether it did.
+    pub(crate) fn push(&mut self, message: &Message, now_ms: u64) -> bool {
+        if !joins_batch(self.count as usize, self.len(), encoded_len(message)) {
+            return false;
+        }
+        write_message_at(&mut self.w, message, stamp(message, now_ms));
+        self.count += 1;
+        true
+    }
+
+    /// The batch's messages.
+    pub(crate) fn count(&self) -> u64 {
+        u64::from(self.count)
+    }
+
+    /// The bytes the batch takes in the log.
+    pub(crate) fn len(&self) -> usize {
+        self.w.buf.len()
+    }
+
+    /// The envelope, as [`encode_batch`] writes it.
+    pub(crate) fn finish(mut self) -> Vec<u8> {
+        self.w.buf[HEADER_BYTES..BATCH_OVERHEAD].copy_from_slice(&self.count.to_le_bytes());
+        self.w.finish()
+    }
+}
+
+/// The timestamp a published message is stored with: its own, or the publish time for 0.
+fn stamp(message: &Message, now_ms: u64) -> u64 {
+    if message.timestamp_ms == 0 {
+        now_ms
+    } else {
+        message.timestamp_ms
+    }
 }
 
 /// The bytes [`write_message`] writes for `message`.
@@ -351,28 +413,11 @@ pub(crate) fn encoded_len(message: &Message) -> usize {
 pub(crate) fn encode_batch<'m>(
     messages: impl ExactSizeIterator<Item = &'m Message> + Clone,
 ) -> Vec<u8> {
-    encode_batch_stamped(messages, 0)
-}
-
-/// [`encode_batch`], writing `now_ms` as the timestamp of messages whose timestamp is 0 (so
-/// that publishing need not copy them to stamp them).
-pub(crate) fn encode_batch_stamped<'m>(
-    messages: impl ExactSizeIterator<Item = &'m Message> + Clone,
-    now_ms: u64,
-) -> Vec<u8> {
     let size: u64 = messages.clone().map(|m| m.size_bytes() + 48).sum();
     let mut w = Writer::new(Kind::Batch, usize::try_from(size).unwrap_or(0) + 4);
     w.u32(messages.len() as u32);
     for m in messages {
-        write_message_at(
-            &mut w,
-            m,
-            if m.timestamp_ms == 0 {
-                now_ms
-            } else {
-                m.timestamp_ms
-            },
-        );
+        write_message(&mut w, m);
     }
     w.finish()
 }

@@ -600,6 +600,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn commit(&self, txn: WriteTransaction<'_>, durability: Durability) -> Result<()> {
+        txn.write_appends()?;
         crate::queue::write_unwritten(&txn)?;
         let published = txn.published();
         let (mut txn, _) = txn.into_inner();

@@ -351,7 +351,10 @@ impl WriteTransaction<'_> {
 
     /// Appends one message to a topic and routes it to the bound queues; returns its offset.
     ///
-    /// A message with timestamp 0 gets the database clock's time.
+    /// A message with timestamp 0 gets the database clock's time. Publishes to a topic in one
+    /// transaction share record batches, written at commit: a loop of `publish` stores the
+    /// messages as one [`WriteTransaction::publish_batch`] would, and reads in the same
+    /// transaction see them.
     ///
     /// # Errors
     ///
@@ -405,14 +408,7 @@ impl WriteTransaction<'_> {
             _ => routing::Router::load(self, record.id)?,
         };
         if record.config.retention.keeps_log() {
-            let mut log = self.table(LOG)?;
-            let mut base = start;
-            for chunk in codec::split_batches(messages, codec::encoded_len) {
-                let bytes = codec::encode_batch_stamped(chunk.iter(), now);
-                record.stored_bytes += bytes.len() as u64;
-                log.insert((record.id, base), bytes.as_slice())?;
-                base += chunk.len() as u64;
-            }
+            record.stored_bytes += self.appends.lock().push(record.id, start, messages, now);
             // The time index maps each append millisecond to its first offset; a publish in
             // the same millisecond as the last one has nothing to add.
             if !messages.is_empty() && append_ms != record.last_append_ms {
@@ -611,6 +607,54 @@ fn drop_time_entries_before(
         time.remove((record.id, ms))?;
     }
     Ok(())
+}
+
+/// Topic appends a write transaction holds back until commit, or until something in it reads
+/// the log: consecutive publishes to a topic fill one record batch where each would otherwise
+/// write a batch of their own (64 writers' single publishes coalesced by group commit write
+/// one batch, not 64). The batches are cut as a single publish of all those messages would cut
+/// them, so the bytes each publish adds to the log, which retention counts, are known at once.
+#[derive(Default)]
+pub(crate) struct Unwritten {
+    /// (topic id, first offset, batch), in the order they were opened.
+    batches: Vec<(u64, u64, codec::OpenBatch)>,
+}
+
+impl Unwritten {
+    /// Adds `messages`, published at `offset` onwards to topic `id`; returns the bytes they
+    /// add to the log.
+    fn push(&mut self, id: u64, offset: u64, messages: &[Message], now_ms: u64) -> u64 {
+        let mut added = 0;
+        for (i, message) in messages.iter().enumerate() {
+            let at = offset + i as u64;
+            // The topic's last batch, if this message continues it.
+            let open = self.batches.iter_mut().rev().find(|b| b.0 == id);
+            if let Some((_, _, batch)) = open.filter(|(_, base, b)| *base + b.count() == at) {
+                let len = batch.len();
+                if batch.push(message, now_ms) {
+                    added += batch.len() - len;
+                    continue;
+                }
+            }
+            let expected = messages[i..].iter().take(128).map(codec::encoded_len).sum();
+            let batch = codec::OpenBatch::new(message, now_ms, expected);
+            added += batch.len();
+            self.batches.push((id, at, batch));
+        }
+        added as u64
+    }
+
+    /// Writes the batches to the log and forgets them.
+    pub(crate) fn write(&mut self, log: &mut Table<'_, (u64, u64), &'static [u8]>) -> Result<()> {
+        for (id, base, batch) in self.batches.drain(..) {
+            log.insert((id, base), batch.finish().as_slice())?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
 }
 
 /// Sets a freshly created topic's extent, for an import. No record is stored yet:

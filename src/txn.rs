@@ -30,6 +30,8 @@ pub struct WriteTransaction<'db> {
     published: AtomicBool,
     /// Queue state held back until commit (see [`queue::Unwritten`]).
     pub(crate) unwritten: parking_lot::Mutex<queue::Unwritten>,
+    /// Topic appends held back until commit or a read of the log (see [`topic::Unwritten`]).
+    pub(crate) appends: parking_lot::Mutex<topic::Unwritten>,
     /// Ties the transaction to a borrow of its database in the public signature; group commit
     /// shares one transaction between threads, so it owns its handle.
     _database: PhantomData<&'db Shared>,
@@ -43,6 +45,7 @@ impl<'db> WriteTransaction<'db> {
             shared,
             published: AtomicBool::new(false),
             unwritten: parking_lot::Mutex::default(),
+            appends: parking_lot::Mutex::default(),
             _database: PhantomData,
         }
     }
@@ -89,7 +92,19 @@ impl<'db> WriteTransaction<'db> {
         &self,
         definition: TableDefinition<'_, K, V>,
     ) -> Result<redb::Table<'_, K, V>> {
+        if definition.name() == LOG.name() {
+            self.write_appends()?;
+        }
         Ok(self.txn.open_table(definition)?)
+    }
+
+    /// Writes the topic appends this transaction held back, for a read of the log or commit.
+    pub(crate) fn write_appends(&self) -> Result<()> {
+        let mut appends = self.appends.lock();
+        if !appends.is_empty() {
+            appends.write(&mut self.txn.open_table(LOG)?)?;
+        }
+        Ok(())
     }
 
     /// Records that waiting consumers should look again after this commit.

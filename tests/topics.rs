@@ -735,3 +735,124 @@ fn retention_and_reads_work_inside_record_batches() {
         info.first_offset
     );
 }
+
+#[test]
+fn publishes_in_one_transaction_share_record_batches_and_read_back_in_it() {
+    let db = Database::in_memory().unwrap();
+    for name in ["a", "b", "singles", "batched", "commits"] {
+        topic(&db, name, Retention::default());
+    }
+    let payload = |i: u32| i.to_le_bytes().to_vec();
+    let read_all = |r: &dyn Fn(&str) -> Vec<mqlite::Record>, name: &str, n: u32| {
+        let got = r(name);
+        assert_eq!(got.len(), n as usize, "{name}");
+        for (i, rec) in got.iter().enumerate() {
+            assert_eq!(rec.offset, i as u64, "{name}");
+            assert_eq!(rec.message.payload, payload(i as u32), "{name} offset {i}");
+        }
+    };
+    // Two topics interleaved, a batch among the single publishes, and a read of the log in
+    // the middle of the transaction: it sees what the transaction published so far.
+    db.write(|txn| {
+        for i in 0..300u32 {
+            if i == 100 {
+                let batch: Vec<Message> = (100..120).map(|j| Message::new(payload(j))).collect();
+                assert_eq!(txn.publish_batch("a", &batch)?, 100..120);
+            }
+            if (100..120).contains(&i) {
+                txn.publish("b", &Message::new(payload(i)))?;
+                continue;
+            }
+            assert_eq!(txn.publish("a", &Message::new(payload(i)))?, u64::from(i));
+            txn.publish("b", &Message::new(payload(i)))?;
+            if i == 150 {
+                read_all(&|t| txn.read_topic(t, 0, 1000).unwrap(), "a", 151);
+                read_all(&|t| txn.read_topic(t, 0, 1000).unwrap(), "b", 151);
+            }
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    for name in ["a", "b"] {
+        read_all(
+            &|t| db.read(|r| r.read_topic(t, 0, 1000)).unwrap(),
+            name,
+            300,
+        );
+    }
+    // 300 single publishes in one transaction take the bytes of one batched publish of the
+    // same messages, and less than 300 commits of one each; a read inside the transaction
+    // sees the same figure as one after it.
+    let messages: Vec<Message> = (0..300).map(|i| Message::new(payload(i))).collect();
+    let inside = db
+        .write(|txn| {
+            for m in &messages {
+                txn.publish("singles", m)?;
+            }
+            txn.topic_info("singles")
+        })
+        .unwrap();
+    db.write(|txn| txn.publish_batch("batched", &messages))
+        .unwrap();
+    for m in &messages {
+        db.write(|txn| txn.publish("commits", m)).unwrap();
+    }
+    let info = |name: &str| db.read(|r| r.topic_info(name)).unwrap();
+    assert_eq!(inside, info("singles"));
+    assert_eq!(info("singles").stored_bytes, info("batched").stored_bytes);
+    assert!(
+        info("singles").stored_bytes < info("commits").stored_bytes,
+        "{:?} {:?}",
+        info("singles"),
+        info("commits")
+    );
+    for name in ["singles", "batched", "commits"] {
+        read_all(
+            &|t| db.read(|r| r.read_topic(t, 0, 1000)).unwrap(),
+            name,
+            300,
+        );
+    }
+    // Retention applies to what the transaction holds back, and a topic deleted after
+    // publishes in the same transaction leaves none of them behind.
+    topic(
+        &db,
+        "kept",
+        Retention {
+            max_messages: Some(100),
+            ..Default::default()
+        },
+    );
+    db.write(|txn| {
+        for m in &messages {
+            txn.publish("kept", m)?;
+            txn.publish("a", m)?;
+        }
+        txn.delete_topic("a")?;
+        txn.create_topic("a", TopicConfig::default())?;
+        txn.publish("a", &messages[0])?;
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let kept = info("kept");
+    assert_eq!((kept.first_offset, kept.next_offset), (200, 300));
+    let got = db.read(|r| r.read_topic("kept", 0, 1000)).unwrap();
+    assert_eq!(got.len(), 100);
+    assert_eq!(got[0].message.payload, payload(200));
+    read_all(&|t| db.read(|r| r.read_topic(t, 0, 1000)).unwrap(), "a", 1);
+    // A transaction that fails after publishing leaves the log as it was.
+    let before = info("b");
+    let failed: Result<(), Error> = db.write(|txn| {
+        for m in &messages {
+            txn.publish("b", m)?;
+        }
+        Err(Error::Storage("abandoned".into()))
+    });
+    assert!(failed.is_err());
+    assert_eq!(info("b"), before);
+    read_all(
+        &|t| db.read(|r| r.read_topic(t, 0, 1000)).unwrap(),
+        "b",
+        300,
+    );
+}
