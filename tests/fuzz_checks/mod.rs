@@ -139,7 +139,9 @@ struct Model {
 }
 
 enum Op {
-    Publish(Vec<u8>),
+    /// Publishes of this payload and up to three variants of it in one transaction, read back
+    /// inside it before commit (they share a record batch held until then).
+    Publish(Vec<u8>, u8),
     Commit(u64),
     Enqueue(Vec<u8>),
     Receive(usize),
@@ -158,7 +160,7 @@ fn parse(data: &[u8]) -> Vec<Op> {
     while let Some(code) = it.next() {
         let arg = it.next().unwrap_or(0);
         ops.push(match code % 9 {
-            0 => Op::Publish(vec![arg; usize::from(arg % 64)]),
+            0 => Op::Publish(vec![arg; usize::from(arg % 64)], 1 + arg / 64),
             1 => Op::Commit(u64::from(arg)),
             2 => Op::Enqueue(vec![arg; usize::from(arg % 32)]),
             3 => Op::Receive(usize::from(arg % 4) + 1),
@@ -211,10 +213,28 @@ impl Model {
             delivery_count: deliveries,
         };
         let ok = match op {
-            Op::Publish(p) => {
-                next.topic.push(p.clone());
-                db.write(|txn| txn.publish("t", &Message::new(p.clone())))
-                    .is_ok()
+            Op::Publish(p, count) => {
+                let payloads: Vec<Vec<u8>> = (0..*count)
+                    .map(|i| p.iter().map(|b| b.wrapping_add(i)).collect())
+                    .collect();
+                next.topic.extend(payloads.iter().cloned());
+                db.write(|txn| {
+                    let mut first = None;
+                    for q in &payloads {
+                        let offset = txn.publish("t", &Message::new(q.clone()))?;
+                        first.get_or_insert(offset);
+                    }
+                    let from = first.unwrap_or(0);
+                    let seen = txn.read_topic("t", from, usize::MAX)?;
+                    let seen: Vec<&Vec<u8>> = seen.iter().map(|r| &r.message.payload).collect();
+                    assert_eq!(
+                        seen,
+                        payloads.iter().collect::<Vec<_>>(),
+                        "read back at {from}"
+                    );
+                    Ok::<_, mqlite::Error>(())
+                })
+                .is_ok()
             }
             Op::Commit(at) => {
                 let at = (*at).min(next.topic.len() as u64);
