@@ -510,17 +510,6 @@ fn w6(b: &mut Bench, durability: mqlite::Durability, rounds: usize) -> (f64, f64
 /// W7: batched publish rate into a topic holding `stored` messages, and into an empty one.
 fn w7(b: &mut Bench, stored: u64) -> (f64, f64) {
     let batch: Vec<Message> = (0..1000).map(|_| Message::new(PAYLOAD.to_vec())).collect();
-    // Publishes for `secs` seconds; returns (messages, seconds).
-    let measure = |db: &Database, secs: f64| {
-        let start = Instant::now();
-        let mut n = 0.0;
-        while start.elapsed().as_secs_f64() < secs {
-            db.write(|t| t.publish_batch("full", &batch))
-                .expect("publish");
-            n += 1000.0;
-        }
-        (n, start.elapsed().as_secs_f64())
-    };
     let empty_db = Database::open(b.path("w7-empty.mqlite")).expect("open");
     empty_db
         .write(|t| t.create_topic("full", TopicConfig::default()))
@@ -538,15 +527,17 @@ fn w7(b: &mut Bench, stored: u64) -> (f64, f64) {
         .expect("fill");
     }
     db.flush().expect("flush");
-    // The disk's speed drifts: alternate short slices of both and compare the sums.
-    let (mut empty, mut full) = ((0.0, 0.0), (0.0, 0.0));
-    for _ in 0..6 {
-        let e = measure(&empty_db, b.secs / 6.0);
-        let f = measure(&db, b.secs / 6.0);
-        empty = (empty.0 + e.0, empty.1 + e.1);
-        full = (full.0 + f.0, full.1 + f.1);
-    }
-    (empty.0 / empty.1, full.0 / full.1)
+    let publish = |db: &Database, slice| {
+        repeat(slice, || {
+            db.write(|t| t.publish_batch("full", &batch))
+                .expect("publish");
+            1000.0
+        })
+    };
+    let rates = b.interleaved(&mut [&mut |slice| publish(&empty_db, slice), &mut |slice| {
+        publish(&db, slice)
+    }]);
+    (rates[0], rates[1])
 }
 
 /// W8 runs in a child process so that its peak RSS is its own: publishes `n` messages with

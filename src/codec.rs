@@ -293,7 +293,7 @@ pub(crate) fn read_message(r: &mut Reader<'_>) -> Result<Message> {
 /// The bytes a record batch takes besides its items: the envelope header and the count.
 const BATCH_OVERHEAD: usize = HEADER_BYTES + 4;
 /// Most items in one record batch.
-const BATCH_ITEMS: usize = 128;
+pub(crate) const BATCH_ITEMS: usize = 128;
 /// Most encoded bytes in one record batch (unless one item alone is larger). redb keeps a
 /// value this large alone in a leaf page rounded up to a power of two, so the batch is sized to
 /// fill a 16 KiB page with room for the leaf's header and key: a batch just over it would take

@@ -636,7 +636,11 @@ impl Unwritten {
                     continue;
                 }
             }
-            let expected = messages[i..].iter().take(128).map(codec::encoded_len).sum();
+            let expected = messages[i..]
+                .iter()
+                .take(codec::BATCH_ITEMS)
+                .map(codec::encoded_len)
+                .sum();
             let batch = codec::OpenBatch::new(message, now_ms, expected);
             added += batch.len();
             self.batches.push((id, at, batch));
