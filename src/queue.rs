@@ -1063,6 +1063,24 @@ fn insert_entry(
     op.store(txn)
 }
 
+/// Refuses `count` new messages for `queue` as enqueueing them would: with
+/// [`Error::QueueFull`] when its length bound rejects publishes (or is 0) and they do not fit.
+/// Checks only; a bound that drops or dead-letters the oldest makes room instead.
+pub(crate) fn check_room(txn: &WriteTransaction<'_>, queue: &str, count: u64) -> Result<()> {
+    let record = load(&txn.table(QUEUES)?, queue)?;
+    let Some(max) = record.config.max_length else {
+        return Ok(());
+    };
+    let refuses = max == 0 || record.config.overflow == Overflow::RejectPublish;
+    if refuses && record.ready + record.delayed + count > max {
+        return Err(Error::QueueFull {
+            queue: queue.to_owned(),
+            max_length: max,
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn enqueue_with(
     txn: &WriteTransaction<'_>,
     queue: &str,

@@ -184,8 +184,8 @@ impl Router {
         self.bindings.is_empty()
     }
 
-    /// Enqueues `message` once into every queue that at least one binding matches.
-    pub(crate) fn route(&self, txn: &WriteTransaction<'_>, message: &Message) -> Result<()> {
+    /// The queues `message` goes to: each that at least one binding matches, once.
+    fn targets(&self, message: &Message) -> Vec<&str> {
         let mut targets: Vec<&str> = self
             .bindings
             .iter()
@@ -194,6 +194,36 @@ impl Router {
             .collect();
         targets.sort_unstable();
         targets.dedup();
+        targets
+    }
+
+    /// Refuses `messages` the way routing them would (a header that is not a number, a full
+    /// queue that rejects publishes), before anything is written: a publish that fails leaves
+    /// its transaction as it was, so a caller may handle the error and go on.
+    pub(crate) fn check(&self, txn: &WriteTransaction<'_>, messages: &[Message]) -> Result<()> {
+        let mut counts: Vec<(&str, u64)> = Vec::new();
+        for message in messages {
+            let targets = self.targets(message);
+            if targets.is_empty() {
+                continue;
+            }
+            EnqueueOptions::from_headers(message)?;
+            for queue in targets {
+                match counts.iter_mut().find(|(q, _)| *q == queue) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((queue, 1)),
+                }
+            }
+        }
+        for (queue, n) in counts {
+            queue::check_room(txn, queue, n)?;
+        }
+        Ok(())
+    }
+
+    /// Enqueues `message` once into every queue that at least one binding matches.
+    pub(crate) fn route(&self, txn: &WriteTransaction<'_>, message: &Message) -> Result<()> {
+        let targets = self.targets(message);
         if targets.is_empty() {
             return Ok(());
         }

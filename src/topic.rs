@@ -359,7 +359,10 @@ impl WriteTransaction<'_> {
     /// # Errors
     ///
     /// [`Error::UnknownTopic`], [`Error::MessageTooLarge`], [`Error::LimitExceeded`] (headers),
-    /// [`Error::InvalidRoutingKey`], [`Error::QueueFull`] from a bound queue that rejects.
+    /// [`Error::InvalidRoutingKey`], [`Error::QueueFull`] from a bound queue that rejects,
+    /// [`Error::InvalidConfig`] for an `x-priority` or `x-delay` header that is not a number
+    /// on a message a binding routes. These are found before anything is written: the
+    /// transaction is as it was, and the closure may handle the error and go on.
     ///
     /// # Examples
     ///
@@ -407,6 +410,9 @@ impl WriteTransaction<'_> {
             Some(0) => routing::Router::default(),
             _ => routing::Router::load(self, record.id)?,
         };
+        if !router.is_empty() {
+            router.check(self, messages)?;
+        }
         if record.config.retention.keeps_log() {
             record.stored_bytes += self.appends.lock().push(record.id, start, messages, now);
             // The time index maps each append millisecond to its first offset; a publish in

@@ -409,6 +409,55 @@ fn routed_messages_take_priority_and_delay_from_headers_and_the_topic_keeps_its_
 }
 
 #[test]
+fn a_refused_publish_leaves_its_transaction_as_it_was_and_the_rest_commits() {
+    let db = Database::in_memory().unwrap();
+    db.write(|txn| {
+        txn.create_topic("x", TopicConfig::default())?;
+        txn.create_queue(
+            "one",
+            QueueConfig::default().max_length(1, Overflow::RejectPublish),
+        )?;
+        txn.create_queue("all", QueueConfig::default())?;
+        txn.bind("x", "one", Binding::key("full"))?;
+        txn.bind("x", "all", Binding::Fanout)
+    })
+    .unwrap();
+    let to_full = |payload: &str| Message::new(payload).with_routing_key("full");
+    db.write(|txn| {
+        txn.publish("x", &to_full("a"))?;
+        // The second message would overflow `one`: the whole batch is refused, and its first
+        // message reaches neither the log nor `all`.
+        let refused = txn.publish_batch("x", &[Message::new("b1"), to_full("b2")]);
+        assert!(
+            matches!(refused, Err(Error::QueueFull { .. })),
+            "{refused:?}"
+        );
+        let bad = txn.publish("x", &Message::new("c").with_header("x-priority", "high"));
+        assert!(matches!(bad, Err(Error::InvalidConfig(_))), "{bad:?}");
+        // The caller handled both errors and goes on in the same transaction.
+        txn.publish("x", &Message::new("d"))
+    })
+    .unwrap();
+    let log: Vec<_> = db
+        .read(|r| r.read_topic("x", 0, 10))
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.offset, String::from_utf8(r.message.payload).unwrap()))
+        .collect();
+    assert_eq!(log, [(0, "a".to_owned()), (1, "d".to_owned())]);
+    assert_eq!(db.read(|r| r.topic_info("x")).unwrap().next_offset, 2);
+    assert_eq!(
+        payloads(&db.write(|txn| txn.receive("one", 10)).unwrap()),
+        ["a"]
+    );
+    assert_eq!(
+        payloads(&db.write(|txn| txn.receive("all", 10)).unwrap()),
+        ["a", "d"]
+    );
+    assert!(db.verify(|_| {}).unwrap().problems.is_empty());
+}
+
+#[test]
 fn consume_from_a_topic_and_enqueue_and_ack_with_a_domain_write_in_one_commit() {
     use mqlite::redb::TableDefinition;
     const DONE: TableDefinition<&str, u64> = TableDefinition::new("done");
