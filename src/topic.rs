@@ -398,8 +398,7 @@ impl WriteTransaction<'_> {
         for message in messages {
             check_message(message, limits)?;
         }
-        let mut topics = self.table(TOPICS)?;
-        let mut record = load(&topics, topic)?;
+        let mut record = self.topic_record(topic)?;
         let start = record.next_offset;
         let now = self.now_ms();
         // Append time never goes backwards, so the time index stays sorted by offset even when
@@ -435,9 +434,20 @@ impl WriteTransaction<'_> {
         }
         let budget = 2 * messages.len() as u64 + 64;
         trim(self, &mut record, budget, now)?;
-        topics.insert(topic, codec::encode_topic(&record).as_slice())?;
+        let end = record.next_offset;
+        self.appends.lock().keep_record(topic, record);
         self.mark_published();
-        Ok(start..record.next_offset)
+        Ok(start..end)
+    }
+
+    /// A topic's record as this transaction last left it: from the records it holds back, or
+    /// stored.
+    fn topic_record(&self, topic: &str) -> Result<TopicRecord> {
+        if let Some(record) = self.appends.lock().record(topic) {
+            return Ok(record);
+        }
+        // Not through `table`: that would write the records held back, which is no help here.
+        load(&self.txn.open_table(TOPICS)?, topic)
     }
 
     /// Commits a consumer group's offset: the next offset the group will read. Creates the
@@ -615,15 +625,19 @@ fn drop_time_entries_before(
     Ok(())
 }
 
-/// Topic appends a write transaction holds back until commit, or until something in it reads
-/// the log: consecutive publishes to a topic fill one record batch where each would otherwise
-/// write a batch of their own (64 writers' single publishes coalesced by group commit write
-/// one batch, not 64). The batches are cut as a single publish of all those messages would cut
-/// them, so the bytes each publish adds to the log, which retention counts, are known at once.
+/// Topic appends a write transaction holds back until commit, or until something in it opens
+/// the log or the topics table: consecutive publishes to a topic fill one record batch where
+/// each would otherwise write a batch of their own (64 writers' single publishes coalesced by
+/// group commit write one batch, not 64), and update one topic record in memory where each
+/// would otherwise decode and store it. The batches are cut as a single publish of all those
+/// messages would cut them, so the bytes each publish adds to the log, which retention counts,
+/// are known at once.
 #[derive(Default)]
 pub(crate) struct Unwritten {
     /// (topic id, first offset, batch), in the order they were opened.
     batches: Vec<(u64, u64, codec::OpenBatch)>,
+    /// The topic records publishes changed, by name (a transaction touches few topics).
+    records: Vec<(String, TopicRecord)>,
 }
 
 impl Unwritten {
@@ -654,16 +668,37 @@ impl Unwritten {
         added as u64
     }
 
-    /// Writes the batches to the log and forgets them.
-    pub(crate) fn write(&mut self, log: &mut Table<'_, (u64, u64), &'static [u8]>) -> Result<()> {
-        for (id, base, batch) in self.batches.drain(..) {
-            log.insert((id, base), batch.finish().as_slice())?;
-        }
-        Ok(())
+    /// The record held back for `topic`, if a publish changed it.
+    fn record(&self, topic: &str) -> Option<TopicRecord> {
+        self.records
+            .iter()
+            .find(|(name, _)| name == topic)
+            .map(|(_, record)| record.clone())
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.batches.is_empty()
+    /// Holds back `record` as `topic`'s latest.
+    fn keep_record(&mut self, topic: &str, record: TopicRecord) {
+        match self.records.iter_mut().find(|(name, _)| name == topic) {
+            Some((_, kept)) => *kept = record,
+            None => self.records.push((topic.to_owned(), record)),
+        }
+    }
+
+    /// Writes the batches to the log and the records to the topics table, and forgets them.
+    pub(crate) fn write(&mut self, txn: &redb::WriteTransaction) -> Result<()> {
+        if !self.batches.is_empty() {
+            let mut log = txn.open_table(LOG)?;
+            for (id, base, batch) in self.batches.drain(..) {
+                log.insert((id, base), batch.finish().as_slice())?;
+            }
+        }
+        if !self.records.is_empty() {
+            let mut topics = txn.open_table(TOPICS)?;
+            for (name, record) in self.records.drain(..) {
+                topics.insert(name.as_str(), codec::encode_topic(&record).as_slice())?;
+            }
+        }
+        Ok(())
     }
 }
 

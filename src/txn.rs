@@ -92,19 +92,16 @@ impl<'db> WriteTransaction<'db> {
         &self,
         definition: TableDefinition<'_, K, V>,
     ) -> Result<redb::Table<'_, K, V>> {
-        if definition.name() == LOG.name() {
+        if definition.name() == LOG.name() || definition.name() == TOPICS.name() {
             self.write_appends()?;
         }
         Ok(self.txn.open_table(definition)?)
     }
 
-    /// Writes the topic appends this transaction held back, for a read of the log or commit.
+    /// Writes the topic appends and records this transaction held back, for commit or for
+    /// code that opens the log or the topics table.
     pub(crate) fn write_appends(&self) -> Result<()> {
-        let mut appends = self.appends.lock();
-        if !appends.is_empty() {
-            appends.write(&mut self.txn.open_table(LOG)?)?;
-        }
-        Ok(())
+        self.appends.lock().write(&self.txn)
     }
 
     /// Records that waiting consumers should look again after this commit.

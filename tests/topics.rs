@@ -855,4 +855,24 @@ fn publishes_in_one_transaction_share_record_batches_and_read_back_in_it() {
         "b",
         300,
     );
+    // The topic's record is held back too: a group created at the end in the middle of the
+    // transaction starts after what it published, and sees the publishes after it as lag.
+    topic(&db, "grouped", Retention::default());
+    let (start, lag) = db
+        .write(|txn| {
+            for m in &messages[..5] {
+                txn.publish("grouped", m)?;
+            }
+            let start = txn.create_group("grouped", "late", StartAt::Latest)?;
+            txn.publish("grouped", &messages[5])?;
+            Ok::<_, Error>((start, txn.group_info("grouped", "late")?.lag))
+        })
+        .unwrap();
+    assert_eq!((start, lag), (5, 1));
+    assert_eq!(info("grouped").next_offset, 6);
+    read_all(
+        &|t| db.read(|r| r.read_topic(t, 0, 1000)).unwrap(),
+        "grouped",
+        6,
+    );
 }
