@@ -64,8 +64,11 @@ pub struct QueueConfig {
     pub max_deliveries: u32,
     /// The queue that receives dead-lettered messages. `None` (the default): they are dropped,
     /// as RabbitMQ does without a dead-letter exchange. If that queue is full and rejects
-    /// publishes ([`Overflow::RejectPublish`]), the operation that dead-letters (a receive, a
-    /// nack, an enqueue that overflows) fails with [`Error::QueueFull`] and changes nothing.
+    /// publishes ([`Overflow::RejectPublish`]), the operation that dead-letters fails with
+    /// [`Error::QueueFull`]. An enqueue or publish that would overflow into it is refused
+    /// before it changes anything, so the closure may handle the error and go on. A receive or
+    /// a nack may already have moved the message when it fails: return that error from the
+    /// closure, or the transaction commits the message's loss.
     pub dead_letter: Option<String>,
     /// Most messages ready or delayed at once. `None` (the default): unbounded.
     pub max_length: Option<u64>,
@@ -1033,6 +1036,18 @@ fn insert_entry(
     deaths: Vec<Death>,
 ) -> Result<()> {
     let mut op = QueueOp::open(txn, queue)?;
+    // A full queue about to dead-letter its oldest: first make sure the dead-letter queue
+    // takes it, so that a refusal changes nothing.
+    let config = &op.record.config;
+    let full = config
+        .max_length
+        .is_some_and(|max| max > 0 && op.record.ready + op.record.delayed >= max);
+    if full
+        && config.overflow == Overflow::DropOldest
+        && let Some(dlq) = config.dead_letter.as_deref().filter(|dlq| *dlq != queue)
+    {
+        check_room(txn, dlq, 1)?;
+    }
     if !op.make_room()? {
         return Err(Error::QueueFull {
             queue: queue.to_owned(),
@@ -1063,20 +1078,37 @@ fn insert_entry(
     op.store(txn)
 }
 
-/// Refuses `count` new messages for `queue` as enqueueing them would: with
-/// [`Error::QueueFull`] when its length bound rejects publishes (or is 0) and they do not fit.
-/// Checks only; a bound that drops or dead-letters the oldest makes room instead.
+/// Refuses `count` new messages for `queue` as enqueueing them would, before anything is
+/// written: with [`Error::QueueFull`] when its length bound rejects publishes (or is 0) and
+/// they do not fit, or when making room would dead-letter into a queue that refuses them.
 pub(crate) fn check_room(txn: &WriteTransaction<'_>, queue: &str, count: u64) -> Result<()> {
-    let record = load(&txn.table(QUEUES)?, queue)?;
-    let Some(max) = record.config.max_length else {
-        return Ok(());
-    };
-    let refuses = max == 0 || record.config.overflow == Overflow::RejectPublish;
-    if refuses && record.ready + record.delayed + count > max {
-        return Err(Error::QueueFull {
-            queue: queue.to_owned(),
-            max_length: max,
-        });
+    // A chain of dead-letter queues longer than this is not followed further.
+    const DEPTH: usize = 8;
+    let mut queue = queue.to_owned();
+    let mut count = count;
+    for _ in 0..DEPTH {
+        let record = load(&txn.table(QUEUES)?, &queue)?;
+        let Some(max) = record.config.max_length else {
+            return Ok(());
+        };
+        let after = record.ready + record.delayed + count;
+        if after <= max {
+            return Ok(());
+        }
+        if max == 0 || record.config.overflow == Overflow::RejectPublish {
+            return Err(Error::QueueFull {
+                queue,
+                max_length: max,
+            });
+        }
+        // The oldest make room: they go to the dead-letter queue, which must take them.
+        match record.config.dead_letter {
+            Some(dlq) if dlq != queue => {
+                count = (after - max).min(record.ready);
+                queue = dlq;
+            }
+            _ => return Ok(()),
+        }
     }
     Ok(())
 }

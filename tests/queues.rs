@@ -458,6 +458,48 @@ fn a_refused_publish_leaves_its_transaction_as_it_was_and_the_rest_commits() {
 }
 
 #[test]
+fn an_overflow_the_dead_letter_queue_refuses_changes_nothing() {
+    let db = Database::in_memory().unwrap();
+    db.write(|txn| {
+        txn.create_queue(
+            "dlq",
+            QueueConfig::default().max_length(1, Overflow::RejectPublish),
+        )?;
+        txn.create_queue(
+            "a",
+            QueueConfig::default()
+                .max_length(1, Overflow::DropOldest)
+                .dead_letter("dlq"),
+        )?;
+        txn.create_topic("x", TopicConfig::default())?;
+        txn.bind("x", "a", Binding::Fanout)?;
+        txn.enqueue("dlq", &Message::new("dead"))?;
+        txn.enqueue("a", &Message::new("first"))
+    })
+    .unwrap();
+    db.write(|txn| {
+        // Making room in `a` would dead-letter "first" into `dlq`, which is full and rejects:
+        // both the enqueue and the publish are refused before they change anything.
+        let refused = txn.enqueue("a", &Message::new("second"));
+        assert!(matches!(refused, Err(Error::QueueFull { ref queue, .. }) if queue == "dlq"));
+        let refused = txn.publish("x", &Message::new("third"));
+        assert!(matches!(refused, Err(Error::QueueFull { ref queue, .. }) if queue == "dlq"));
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    assert_eq!(
+        payloads(&db.write(|txn| txn.receive("a", 10)).unwrap()),
+        ["first"]
+    );
+    assert_eq!(
+        payloads(&db.write(|txn| txn.receive("dlq", 10)).unwrap()),
+        ["dead"]
+    );
+    assert_eq!(db.read(|r| r.topic_info("x")).unwrap().next_offset, 0);
+    assert!(db.verify(|_| {}).unwrap().problems.is_empty());
+}
+
+#[test]
 fn consume_from_a_topic_and_enqueue_and_ack_with_a_domain_write_in_one_commit() {
     use mqlite::redb::TableDefinition;
     const DONE: TableDefinition<&str, u64> = TableDefinition::new("done");
