@@ -7,6 +7,8 @@
 //! ([`Database::write_send`](crate::Database::write_send)) leaves it in its slot instead, and
 //! the leader runs it on its own thread: two thread switches fewer per such caller. If a closure fails, the transaction is dropped and rebuilt with the others
 //! (which is why a write closure may run more than once); the caller that failed gets its own
+//! error. A closure that returns `Ok` from a transaction an operation left broken (it failed
+//! part-way, see `WriteTransaction::break_with`) failed all the same, with that operation's
 //! error. Then the leader commits once, tells every member the outcome, and hands leadership
 //! to the first caller that queued meanwhile.
 
@@ -99,19 +101,22 @@ struct Member<'f, T, E, F> {
 impl<T, E, F> Member<'_, T, E, F>
 where
     F: FnMut(&WriteTransaction<'_>) -> Result<T, E>,
+    E: From<Error>,
 {
-    /// Runs the closure; returns whether it succeeded.
+    /// Runs the closure; returns whether it succeeded. A closure that returned `Ok` from a
+    /// transaction it left broken (an operation failed part-way and the closure went on)
+    /// failed: it gets the operation's error.
     fn run(&mut self, txn: &WriteTransaction<'_>) -> bool {
-        let outcome = catch_unwind(AssertUnwindSafe(|| (self.f)(txn)));
+        let outcome = match catch_unwind(AssertUnwindSafe(|| (self.f)(txn))) {
+            Ok(Ok(value)) => Ok(txn.broken().map_or(Ok(value), |e| Err(E::from(e)))),
+            other => other,
+        };
         let ok = matches!(outcome, Ok(Ok(_)));
         self.outcome = Some(outcome);
         ok
     }
 
-    fn finish(self, committed: Result<()>) -> Result<T, E>
-    where
-        E: From<Error>,
-    {
+    fn finish(self, committed: Result<()>) -> Result<T, E> {
         match self.outcome {
             Some(Err(panic)) => resume_unwind(panic),
             Some(Ok(Err(e))) => Err(e),
@@ -147,7 +152,10 @@ impl GroupCommit {
         let job: Job = {
             let outcome = outcome.clone();
             Box::new(move |txn| {
-                let result = catch_unwind(AssertUnwindSafe(|| f(txn)));
+                let result = match catch_unwind(AssertUnwindSafe(|| f(txn))) {
+                    Ok(Ok(value)) => Ok(txn.broken().map_or(Ok(value), |e| Err(E::from(e)))),
+                    other => other,
+                };
                 let ok = matches!(result, Ok(Ok(_)));
                 *outcome.lock() = Some(result);
                 ok
@@ -187,6 +195,7 @@ impl GroupCommit {
     ) -> Result<()>
     where
         F: FnMut(&WriteTransaction<'_>) -> Result<T, E>,
+        E: From<Error>,
     {
         let lead_now = {
             let mut queue = self.queue.lock();
@@ -222,6 +231,7 @@ impl GroupCommit {
     fn lead<T, E, F>(&self, shared: &Arc<Shared>, me: &mut Member<'_, T, E, F>) -> Result<()>
     where
         F: FnMut(&WriteTransaction<'_>) -> Result<T, E>,
+        E: From<Error>,
     {
         let mut followers: Vec<Arc<Slot>> = {
             let mut queue = self.queue.lock();
@@ -246,6 +256,11 @@ impl GroupCommit {
             }
             let mut alive = Vec::with_capacity(followers.len());
             for follower in followers {
+                // A broken transaction is rebuilt before anyone else runs on it.
+                if txn.broken().is_some() {
+                    alive.push(follower);
+                    continue;
+                }
                 let ok = match follower.run_job(&txn) {
                     Some(ok) => ok,
                     None => {
@@ -308,14 +323,19 @@ impl GroupCommit {
     }
 }
 
-/// The same error for another member of the batch (errors are not `Clone`: I/O errors keep
-/// their kind and text).
-fn copy_error(e: &Error) -> Error {
+/// The same error for another member of the batch, or for the commit of a broken transaction
+/// (errors are not `Clone`: I/O errors keep their kind and text).
+pub(crate) fn copy_error(e: &Error) -> Error {
     match e {
         Error::StorageFull => Error::StorageFull,
         Error::Io(io) => Error::Io(std::io::Error::new(io.kind(), io.to_string())),
         Error::Corrupted { location } => Error::Corrupted {
             location: location.clone(),
+        },
+        // What breaks a transaction (see `WriteTransaction::break_with`) keeps its kind.
+        Error::QueueFull { queue, max_length } => Error::QueueFull {
+            queue: queue.clone(),
+            max_length: *max_length,
         },
         other => Error::Storage(other.to_string()),
     }

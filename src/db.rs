@@ -600,6 +600,9 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn commit(&self, txn: WriteTransaction<'_>, durability: Durability) -> Result<()> {
+        if let Some(e) = txn.broken() {
+            return Err(e);
+        }
         txn.write_appends()?;
         crate::queue::write_unwritten(&txn)?;
         let published = txn.published();

@@ -67,8 +67,10 @@ pub struct QueueConfig {
     /// publishes ([`Overflow::RejectPublish`]), the operation that dead-letters fails with
     /// [`Error::QueueFull`]. An enqueue or publish that would overflow into it is refused
     /// before it changes anything, so the closure may handle the error and go on. A receive or
-    /// a nack may already have moved the message when it fails: return that error from the
-    /// closure, or the transaction commits the message's loss.
+    /// a nack has already moved the message when it fails: its transaction can no longer
+    /// commit, and [`Database::write`](crate::Database::write) returns that error even if the
+    /// closure handled it (nothing of the transaction is stored; under group commit, the other
+    /// closures commit without it).
     pub dead_letter: Option<String>,
     /// Most messages ready or delayed at once. `None` (the default): unbounded.
     pub max_length: Option<u64>,
@@ -614,13 +616,16 @@ impl<'t> QueueOp<'t> {
         txn.table(QUEUES)?
             .insert(name.as_str(), codec::encode_queue(&record).as_slice())?;
         for (dlq, entry) in dead_letters {
+            // The message already left this queue: a refusal now (a full dead-letter queue
+            // that rejects) must not commit.
             insert_entry(
                 txn,
                 &dlq,
                 entry.message,
                 EnqueueOptions::default(),
                 entry.deaths,
-            )?;
+            )
+            .inspect_err(|e| txn.break_with(e))?;
         }
         Ok(())
     }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use redb::{Key, ReadableTable, TableDefinition, TableHandle, Value};
 
 use crate::codec;
+use crate::commit::copy_error;
 use crate::db::Shared;
 use crate::error::{Error, Result};
 use crate::queue::{self, QueueInfo};
@@ -32,6 +33,9 @@ pub struct WriteTransaction<'db> {
     pub(crate) unwritten: parking_lot::Mutex<queue::Unwritten>,
     /// Topic appends held back until commit or a read of the log (see [`topic::Unwritten`]).
     pub(crate) appends: parking_lot::Mutex<topic::Unwritten>,
+    /// The error of an operation that failed part-way, having changed the transaction: it
+    /// can no longer commit (see [`WriteTransaction::broken`]).
+    broken: parking_lot::Mutex<Option<Error>>,
     /// Ties the transaction to a borrow of its database in the public signature; group commit
     /// shares one transaction between threads, so it owns its handle.
     _database: PhantomData<&'db Shared>,
@@ -46,8 +50,20 @@ impl<'db> WriteTransaction<'db> {
             published: AtomicBool::new(false),
             unwritten: parking_lot::Mutex::default(),
             appends: parking_lot::Mutex::default(),
+            broken: parking_lot::Mutex::default(),
             _database: PhantomData,
         }
+    }
+
+    /// Records that an operation failed after it had changed the transaction: committing
+    /// would store half of it, so the commit fails with this error instead.
+    pub(crate) fn break_with(&self, e: &Error) {
+        self.broken.lock().get_or_insert_with(|| copy_error(e));
+    }
+
+    /// The error that broke the transaction, if an operation did.
+    pub(crate) fn broken(&self) -> Option<Error> {
+        self.broken.lock().as_ref().map(copy_error)
     }
 
     /// Opens (creating if needed) one of the application's own tables in this transaction.

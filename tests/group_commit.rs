@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::SimDisk;
-use mqlite::{Database, Error, Message, TopicConfig};
+use mqlite::{Database, Error, Message, Overflow, QueueConfig, TopicConfig};
 
 fn db_on_slow_disk() -> (Database, SimDisk) {
     let disk = SimDisk::new();
@@ -72,6 +72,26 @@ fn concurrent_durable_writers_share_fsyncs_and_each_write_lands_once_in_order() 
 #[test]
 fn a_failing_closure_leaves_its_batch_and_the_others_commit() {
     let (db, _disk) = db_on_slow_disk();
+    // A queue whose one message can only be dead-lettered, into a queue that refuses it: a
+    // receive there fails part-way and breaks its transaction, even when the closure
+    // handles the error and returns Ok.
+    db.write(|txn| {
+        txn.create_queue(
+            "dlq",
+            QueueConfig::default().max_length(0, Overflow::RejectPublish),
+        )?;
+        txn.create_queue(
+            "stuck",
+            QueueConfig::default()
+                .lease_ms(1)
+                .max_deliveries(1)
+                .dead_letter("dlq"),
+        )?;
+        txn.enqueue("stuck", &Message::new("m"))
+    })
+    .unwrap();
+    assert_eq!(db.write(|txn| txn.receive("stuck", 1)).unwrap().len(), 1);
+    std::thread::sleep(std::time::Duration::from_millis(5));
     let runs = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..12u32)
         .map(|t| {
@@ -80,11 +100,16 @@ fn a_failing_closure_leaves_its_batch_and_the_others_commit() {
                 let mut outcomes = Vec::new();
                 for i in 0..50u32 {
                     let fail = (t + i) % 3 == 0;
+                    let breaks = (t + i) % 5 == 1;
                     let attempt = move |txn: &mqlite::WriteTransaction<'_>, runs: &AtomicU64| {
                         runs.fetch_add(1, Ordering::Relaxed);
                         let offset = txn.publish("t", &Message::new(vec![t as u8, i as u8]))?;
                         if fail {
                             return Err(Error::InvalidConfig(format!("t{t} i{i}")));
+                        }
+                        if breaks {
+                            let refused = txn.receive("stuck", 1);
+                            assert!(matches!(refused, Err(Error::QueueFull { .. })));
                         }
                         Ok(offset)
                     };
@@ -94,10 +119,15 @@ fn a_failing_closure_leaves_its_batch_and_the_others_commit() {
                         let runs = runs.clone();
                         db.write_send(move |txn| attempt(txn, &runs))
                     };
-                    match (fail, result) {
-                        (true, Err(Error::InvalidConfig(m))) => assert_eq!(m, format!("t{t} i{i}")),
-                        (false, Ok(_)) => outcomes.push((t as u8, i as u8)),
-                        (fail, other) => panic!("fail={fail}: {other:?}"),
+                    match (fail, breaks, result) {
+                        (true, _, Err(Error::InvalidConfig(m))) => {
+                            assert_eq!(m, format!("t{t} i{i}"));
+                        }
+                        (false, true, Err(Error::QueueFull { queue, .. })) => {
+                            assert_eq!(queue, "dlq");
+                        }
+                        (false, false, Ok(_)) => outcomes.push((t as u8, i as u8)),
+                        (fail, breaks, other) => panic!("fail={fail} breaks={breaks}: {other:?}"),
                     }
                 }
                 outcomes
@@ -126,6 +156,9 @@ fn a_failing_closure_leaves_its_batch_and_the_others_commit() {
         committed.len(),
         "offsets stay dense"
     );
+    // No broken transaction committed: the stuck message is still where it was.
+    let stuck = db.write(|txn| txn.receive("stuck", 1));
+    assert!(matches!(stuck, Err(Error::QueueFull { .. })), "{stuck:?}");
     println!(
         "closure runs {} for {} calls",
         runs.load(Ordering::Relaxed),

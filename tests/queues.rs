@@ -500,6 +500,61 @@ fn an_overflow_the_dead_letter_queue_refuses_changes_nothing() {
 }
 
 #[test]
+fn a_receive_that_cannot_dead_letter_fails_and_its_transaction_cannot_commit() {
+    let (db, clock) = db_with_clock();
+    queue(
+        &db,
+        "dlq",
+        QueueConfig::default().max_length(1, Overflow::RejectPublish),
+    );
+    queue(
+        &db,
+        "a",
+        QueueConfig::default()
+            .lease_ms(100)
+            .max_deliveries(1)
+            .dead_letter("dlq"),
+    );
+    enqueue(&db, "dlq", "dead");
+    enqueue(&db, "a", "m");
+    assert_eq!(
+        payloads(&db.write(|txn| txn.receive("a", 10)).unwrap()),
+        ["m"]
+    );
+    clock.advance_ms(200);
+    // The lease ran out and "m" used its one delivery: this receive dead-letters it, and the
+    // full dead-letter queue refuses. A closure that handles the error and returns Ok gets it
+    // back from the commit, through either path, and nothing of the transaction is stored.
+    let handled = |txn: &mqlite::WriteTransaction<'_>| {
+        let refused = txn.receive("a", 10);
+        assert!(matches!(refused, Err(Error::QueueFull { ref queue, .. }) if queue == "dlq"));
+        Ok::<_, Error>(())
+    };
+    let committed = db.write(handled);
+    assert!(
+        matches!(committed, Err(Error::QueueFull { .. })),
+        "{committed:?}"
+    );
+    let committed = db.write_send(handled);
+    assert!(
+        matches!(committed, Err(Error::QueueFull { .. })),
+        "{committed:?}"
+    );
+    // Room in the dead-letter queue: the next receive moves "m" there.
+    db.write(|txn| {
+        let d = txn.receive("dlq", 10)?;
+        txn.ack(&d[0].lease)
+    })
+    .unwrap();
+    assert!(db.write(|txn| txn.receive("a", 10)).unwrap().is_empty());
+    assert_eq!(
+        payloads(&db.write(|txn| txn.receive("dlq", 10)).unwrap()),
+        ["m"]
+    );
+    assert!(db.verify(|_| {}).unwrap().problems.is_empty());
+}
+
+#[test]
 fn consume_from_a_topic_and_enqueue_and_ack_with_a_domain_write_in_one_commit() {
     use mqlite::redb::TableDefinition;
     const DONE: TableDefinition<&str, u64> = TableDefinition::new("done");
