@@ -107,10 +107,7 @@ where
     /// transaction it left broken (an operation failed part-way and the closure went on)
     /// failed: it gets the operation's error.
     fn run(&mut self, txn: &WriteTransaction<'_>) -> bool {
-        let outcome = match catch_unwind(AssertUnwindSafe(|| (self.f)(txn))) {
-            Ok(Ok(value)) => Ok(txn.broken().map_or(Ok(value), |e| Err(E::from(e)))),
-            other => other,
-        };
+        let outcome = unless_broken(txn, catch_unwind(AssertUnwindSafe(|| (self.f)(txn))));
         let ok = matches!(outcome, Ok(Ok(_)));
         self.outcome = Some(outcome);
         ok
@@ -152,10 +149,7 @@ impl GroupCommit {
         let job: Job = {
             let outcome = outcome.clone();
             Box::new(move |txn| {
-                let result = match catch_unwind(AssertUnwindSafe(|| f(txn))) {
-                    Ok(Ok(value)) => Ok(txn.broken().map_or(Ok(value), |e| Err(E::from(e)))),
-                    other => other,
-                };
+                let result = unless_broken(txn, catch_unwind(AssertUnwindSafe(|| f(txn))));
                 let ok = matches!(result, Ok(Ok(_)));
                 *outcome.lock() = Some(result);
                 ok
@@ -320,6 +314,18 @@ impl GroupCommit {
             Some(next) => next.set(Turn::Lead),
             None => queue.leading = false,
         }
+    }
+}
+
+/// A closure's outcome, but the error that broke `txn` when the closure returned `Ok` from a
+/// transaction an operation left half done.
+fn unless_broken<T, E: From<Error>>(
+    txn: &WriteTransaction<'_>,
+    outcome: std::thread::Result<Result<T, E>>,
+) -> std::thread::Result<Result<T, E>> {
+    match outcome {
+        Ok(Ok(value)) => Ok(txn.broken().map_or(Ok(value), |e| Err(E::from(e)))),
+        other => other,
     }
 }
 

@@ -10,6 +10,7 @@
 //! in the same commit that hands the message out; a lease settled in the transaction that
 //! granted it is never written at all (see [`Unwritten`]).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -1041,18 +1042,9 @@ fn insert_entry(
     deaths: Vec<Death>,
 ) -> Result<()> {
     let mut op = QueueOp::open(txn, queue)?;
-    // A full queue about to dead-letter its oldest: first make sure the dead-letter queue
-    // takes it, so that a refusal changes nothing.
-    let config = &op.record.config;
-    let full = config
-        .max_length
-        .is_some_and(|max| max > 0 && op.record.ready + op.record.delayed >= max);
-    if full
-        && config.overflow == Overflow::DropOldest
-        && let Some(dlq) = config.dead_letter.as_deref().filter(|dlq| *dlq != queue)
-    {
-        check_room(txn, dlq, 1)?;
-    }
+    // Refused before anything changes, also when making room would dead-letter the oldest
+    // into a queue that refuses it.
+    check_room_of(txn, queue, &op.record, 1)?;
     if !op.make_room()? {
         return Err(Error::QueueFull {
             queue: queue.to_owned(),
@@ -1087,12 +1079,22 @@ fn insert_entry(
 /// written: with [`Error::QueueFull`] when its length bound rejects publishes (or is 0) and
 /// they do not fit, or when making room would dead-letter into a queue that refuses them.
 pub(crate) fn check_room(txn: &WriteTransaction<'_>, queue: &str, count: u64) -> Result<()> {
+    let record = load(&txn.table(QUEUES)?, queue)?;
+    check_room_of(txn, queue, &record, count)
+}
+
+/// [`check_room`] for a queue whose record the caller holds; reads the records of the
+/// dead-letter queues only when the queue is full.
+fn check_room_of(
+    txn: &WriteTransaction<'_>,
+    queue: &str,
+    record: &QueueRecord,
+    count: u64,
+) -> Result<()> {
     // A chain of dead-letter queues longer than this is not followed further.
     const DEPTH: usize = 8;
-    let mut queue = queue.to_owned();
-    let mut count = count;
+    let (mut queue, mut record, mut count) = (Cow::Borrowed(queue), Cow::Borrowed(record), count);
     for _ in 0..DEPTH {
-        let record = load(&txn.table(QUEUES)?, &queue)?;
         let Some(max) = record.config.max_length else {
             return Ok(());
         };
@@ -1102,18 +1104,21 @@ pub(crate) fn check_room(txn: &WriteTransaction<'_>, queue: &str, count: u64) ->
         }
         if max == 0 || record.config.overflow == Overflow::RejectPublish {
             return Err(Error::QueueFull {
-                queue,
+                queue: queue.into_owned(),
                 max_length: max,
             });
         }
         // The oldest make room: they go to the dead-letter queue, which must take them.
-        match record.config.dead_letter {
-            Some(dlq) if dlq != queue => {
-                count = (after - max).min(record.ready);
-                queue = dlq;
-            }
+        let dlq = match &record.config.dead_letter {
+            Some(dlq) if *dlq != queue => dlq.clone(),
             _ => return Ok(()),
+        };
+        count = (after - max).min(record.ready);
+        if count == 0 {
+            return Ok(());
         }
+        record = Cow::Owned(load(&txn.table(QUEUES)?, &dlq)?);
+        queue = Cow::Owned(dlq);
     }
     Ok(())
 }
