@@ -139,11 +139,14 @@ impl WriteTransaction<'_> {
         park: bool,
     ) -> Result<()> {
         let mut table = self.table(OUTBOX)?;
-        let Some(value) = table.remove(sequence)? else {
-            return Ok(());
+        // Decoded before it is removed: a damaged row is reported and stays.
+        let mut record = match table.get(sequence)? {
+            Some(value) => codec::decode_outbox(value.value())?,
+            None => return Ok(()),
         };
-        let mut record = codec::decode_outbox(value.value())?;
-        drop(value);
+        if park {
+            table.remove(sequence)?;
+        }
         record.attempts = record.attempts.saturating_add(1);
         record.last_error = error.chars().take(1024).collect();
         record.next_attempt_ms = retry_at_ms;

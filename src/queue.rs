@@ -996,6 +996,38 @@ impl<'t> QueueOp<'t> {
     }
 }
 
+/// Checks the leases of one queue for an ack: the leases from earlier commits with their
+/// stored heads, and the leases granted by this transaction (never written) with whether
+/// each came from the FIFO lane.
+#[allow(clippy::type_complexity)]
+fn check_acks(
+    op: &QueueOp<'_>,
+    leases: &[&Lease],
+) -> Result<(Vec<(u64, EntryHead)>, Vec<(u64, bool)>)> {
+    let stale = |lease: &Lease| Error::StaleLease {
+        queue: lease.queue.clone(),
+    };
+    let mut sequences: Vec<u64> = leases.iter().map(|l| l.sequence).collect();
+    sequences.sort_unstable();
+    if sequences.windows(2).any(|w| w[0] == w[1]) {
+        return Err(stale(leases[0]));
+    }
+    let id = op.id();
+    let mut written = Vec::with_capacity(leases.len());
+    let mut granted = Vec::new();
+    let unwritten = op.unwritten.lock();
+    for lease in leases {
+        match unwritten.leases.get(&(id, lease.sequence)) {
+            Some(held) if held.head.delivery_count == lease.delivery_count => {
+                granted.push((lease.sequence, held.in_lane));
+            }
+            Some(_) => return Err(stale(lease)),
+            None => written.push((lease.sequence, op.leased_head(lease)?)),
+        }
+    }
+    Ok((written, granted))
+}
+
 /// Where the first ready message of a queue is.
 enum Oldest {
     Indexed(u64),
@@ -1387,53 +1419,28 @@ impl WriteTransaction<'_> {
     }
 
     /// Acknowledges several deliveries, opening each queue once: cheaper than one
-    /// [`WriteTransaction::ack`] per lease. Within each run of leases of one queue, every lease
-    /// is checked before any is applied.
+    /// [`WriteTransaction::ack`] per lease. Every lease is checked before any is applied, so
+    /// a refused call changes nothing.
     ///
     /// # Errors
     ///
     /// [`Error::StaleLease`] for the first lease that is stale (or listed twice),
-    /// [`Error::UnknownQueue`]. Return the error from the write closure so that the whole
-    /// transaction rolls back.
+    /// [`Error::UnknownQueue`].
     pub fn ack_many(&self, leases: &[Lease]) -> Result<()> {
-        let mut start = 0;
-        while start < leases.len() {
-            let queue = leases[start].queue.as_str();
-            let end = start
-                + leases[start..]
-                    .iter()
-                    .take_while(|l| l.queue == queue)
-                    .count();
-            let group = &leases[start..end];
-            let mut op = QueueOp::open(self, queue)?;
+        // One run per queue, so that a lease listed twice is found within its run.
+        let mut leases: Vec<&Lease> = leases.iter().collect();
+        leases.sort_by(|a, b| a.queue.cmp(&b.queue));
+        let runs: Vec<&[&Lease]> = leases.chunk_by(|a, b| a.queue == b.queue).collect();
+        if runs.len() > 1 {
+            // Applying a run closes its queue's tables; check all runs first.
+            for run in &runs {
+                check_acks(&QueueOp::open(self, &run[0].queue)?, run)?;
+            }
+        }
+        for run in runs {
+            let mut op = QueueOp::open(self, &run[0].queue)?;
             let id = op.id();
-            // Leases from earlier commits, with their stored heads; and leases granted by
-            // this transaction, which were never written.
-            let mut written = Vec::with_capacity(group.len());
-            let mut granted = Vec::new();
-            // A lease listed twice is stale the second time: find duplicates by sorting.
-            let mut sequences: Vec<u64> = group.iter().map(|l| l.sequence).collect();
-            sequences.sort_unstable();
-            if sequences.windows(2).any(|w| w[0] == w[1]) {
-                return Err(Error::StaleLease {
-                    queue: queue.to_owned(),
-                });
-            }
-            {
-                let unwritten = op.unwritten.lock();
-                for lease in group {
-                    let stale = || Error::StaleLease {
-                        queue: lease.queue.clone(),
-                    };
-                    match unwritten.leases.get(&(id, lease.sequence)) {
-                        Some(held) if held.head.delivery_count == lease.delivery_count => {
-                            granted.push((lease.sequence, held.in_lane));
-                        }
-                        Some(_) => return Err(stale()),
-                        None => written.push((lease.sequence, op.leased_head(lease)?)),
-                    }
-                }
-            }
+            let (written, granted) = check_acks(&op, run)?;
             for (seq, head) in &written {
                 op.unlist(*seq, head)?;
             }
@@ -1454,7 +1461,6 @@ impl WriteTransaction<'_> {
                 .collect();
             op.remove_many(&mut gone)?;
             op.store(self)?;
-            start = end;
         }
         Ok(())
     }
@@ -1519,7 +1525,8 @@ impl WriteTransaction<'_> {
 
     /// Moves up to `max` messages from a dead-letter queue back to the queue each came from
     /// (its last death), with a fresh delivery count; they keep their death history. Returns
-    /// how many moved. Messages whose source queue no longer exists stay.
+    /// how many moved. Messages whose source queue no longer exists stay, and so do those a
+    /// full source queue would refuse (see [`WriteTransaction::enqueue`]).
     ///
     /// # Errors
     ///
@@ -1535,8 +1542,10 @@ impl WriteTransaction<'_> {
             .range((id, 0, 0)..=(id, u8::MAX, u64::MAX))?
             .map(|e| e.map(|(k, _)| k.value().2))
             .collect::<Result<_, _>>()?;
-        let queues = self.table(QUEUES)?;
         let mut targets = Vec::new();
+        // How many each source queue takes so far: a message goes only if its queue has room
+        // for it after those, so that every insert below succeeds.
+        let mut taken: HashMap<String, u64> = HashMap::new();
         for seq in candidates {
             if targets.len() >= max {
                 break;
@@ -1545,23 +1554,34 @@ impl WriteTransaction<'_> {
             let Some(source) = entry.deaths.last().map(|d| d.queue.clone()) else {
                 continue;
             };
-            if source == dead_letter_queue || queues.get(source.as_str())?.is_none() {
+            if source == dead_letter_queue {
                 continue;
             }
+            let count = taken.get(&source).copied().unwrap_or(0) + 1;
+            match check_room(self, &source, count) {
+                Ok(()) => {}
+                Err(Error::UnknownQueue { .. } | Error::QueueFull { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+            taken.insert(source.clone(), count);
             op.unlist(seq, &entry.head())?;
             op.entries.remove((id, seq))?;
             targets.push((source, entry));
         }
-        drop(queues);
         op.store(self)?;
         for (source, entry) in targets {
-            insert_entry(
+            let inserted = insert_entry(
                 self,
                 &source,
                 entry.message,
                 EnqueueOptions::default(),
                 entry.deaths,
-            )?;
+            );
+            if let Err(e) = inserted {
+                // The message already left the dead-letter queue.
+                self.break_with(&e);
+                return Err(e);
+            }
             moved += 1;
         }
         self.mark_published();

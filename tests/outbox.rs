@@ -173,6 +173,45 @@ fn a_message_that_keeps_failing_is_parked_and_can_be_redriven() {
     assert_eq!(db.read(|r| r.outbox_info()).unwrap().backlog, 1);
 }
 
+#[test]
+fn a_failed_attempt_on_a_damaged_row_is_refused_and_the_row_stays() {
+    // The outbox table, reached through the escape hatch only to damage a row.
+    const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("mqlite_outbox");
+    let db = Database::in_memory().unwrap();
+    let seq = db
+        .write(|txn| txn.outbox_put("dest", &Message::new("m")))
+        .unwrap();
+    db.write(|txn| {
+        txn.redb()
+            .open_table(OUTBOX)?
+            .insert(seq, b"not an outbox row".as_slice())?;
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    for park in [false, true] {
+        db.write(|txn| {
+            let refused = txn.outbox_failed(seq, "down", 0, park);
+            assert!(
+                matches!(refused, Err(Error::Corrupted { .. })),
+                "{refused:?}"
+            );
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+    }
+    let stored = db
+        .read(|r| {
+            Ok::<_, Error>(
+                r.redb()
+                    .open_table(OUTBOX)?
+                    .get(seq)?
+                    .map(|v| v.value().to_vec()),
+            )
+        })
+        .unwrap();
+    assert_eq!(stored.as_deref(), Some(b"not an outbox row".as_slice()));
+}
+
 /// A sink that publishes, then "dies" before the relay can mark the rows delivered, once.
 struct DiesAfterConfirm<S> {
     inner: S,

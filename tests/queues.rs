@@ -500,6 +500,73 @@ fn an_overflow_the_dead_letter_queue_refuses_changes_nothing() {
 }
 
 #[test]
+fn a_redrive_leaves_what_a_full_source_queue_refuses_in_the_dead_letter_queue() {
+    let (db, _) = db_with_clock();
+    queue(&db, "dlq", QueueConfig::default());
+    queue(
+        &db,
+        "q",
+        QueueConfig::default()
+            .max_length(2, Overflow::RejectPublish)
+            .dead_letter("dlq"),
+    );
+    queue(&db, "p", QueueConfig::default().dead_letter("dlq"));
+    for (q, payload) in [("q", "q1"), ("q", "q2"), ("p", "p1")] {
+        enqueue(&db, q, payload);
+    }
+    // All three die into `dlq`, in the order q1, q2, p1.
+    db.write(|txn| {
+        for q in ["q", "p"] {
+            for d in txn.receive(q, 10)? {
+                txn.nack(&d.lease, Nack::DeadLetter)?;
+            }
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    enqueue(&db, "q", "new");
+    // `q` has room for one: q1 goes back, q2 stays, p1 goes back to `p`.
+    assert_eq!(db.write(|txn| txn.redrive("dlq", 10)).unwrap(), 2);
+    let back = |q: &str| payloads(&db.write(|txn| txn.receive(q, 10)).unwrap());
+    assert_eq!(back("q"), ["new", "q1"]);
+    assert_eq!(back("p"), ["p1"]);
+    assert_eq!(back("dlq"), ["q2"]);
+    assert!(db.verify(|_| {}).unwrap().problems.is_empty());
+}
+
+#[test]
+fn an_ack_of_several_queues_with_one_stale_lease_changes_nothing() {
+    let (db, _) = db_with_clock();
+    queue(&db, "a", QueueConfig::default());
+    queue(&db, "b", QueueConfig::default());
+    enqueue(&db, "a", "a1");
+    enqueue(&db, "b", "b1");
+    let a = db.write(|txn| txn.receive("a", 1)).unwrap();
+    let b = db.write(|txn| txn.receive("b", 1)).unwrap();
+    db.write(|txn| txn.ack(&b[0].lease)).unwrap();
+    // The lease of `a` is good, the one of `b` is stale: the handled refusal acks nothing.
+    db.write(|txn| {
+        let refused = txn.ack_many(&[a[0].lease.clone(), b[0].lease.clone()]);
+        assert!(matches!(refused, Err(Error::StaleLease { ref queue }) if queue == "b"));
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    assert_eq!(db.read(|r| r.queue_info("a")).unwrap().in_flight, 1);
+    // A lease listed twice, in runs of different queues, is refused the same way.
+    enqueue(&db, "b", "b2");
+    let b = db.write(|txn| txn.receive("b", 1)).unwrap();
+    let twice = [a[0].lease.clone(), b[0].lease.clone(), a[0].lease.clone()];
+    let refused = db.write(|txn| txn.ack_many(&twice)).unwrap_err();
+    assert!(matches!(refused, Error::StaleLease { ref queue } if queue == "a"));
+    db.write(|txn| txn.ack_many(&twice[..2])).unwrap();
+    let (a, b) = (
+        db.read(|r| r.queue_info("a")).unwrap(),
+        db.read(|r| r.queue_info("b")).unwrap(),
+    );
+    assert_eq!((a.depth(), b.depth()), (0, 0));
+}
+
+#[test]
 fn a_receive_that_cannot_dead_letter_fails_and_its_transaction_cannot_commit() {
     let (db, clock) = db_with_clock();
     queue(
