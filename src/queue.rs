@@ -394,6 +394,11 @@ struct QueueOp<'t> {
 ///   many writes a few batches instead of an entry and an index key each.
 /// - FIFO heads. Receiving moves a lane's head; the batches wholly below it are deleted at
 ///   commit.
+/// - Queue records. An enqueue into the lane of a queue with room (the common case) changes
+///   only the queue's record and the appends: the record is kept here, so that a loop of
+///   enqueues (or of publishes routed to queues) opens no table per message. It is written
+///   when anything opens the queues table through [`WriteTransaction::table`], so every
+///   other operation reads it current.
 ///
 /// Nothing outside the transaction can see the difference, since nothing outside sees it
 /// before it commits.
@@ -402,6 +407,8 @@ pub(crate) struct Unwritten {
     leases: HashMap<(u64, u64), UnwrittenLease, BuildHasherDefault<SequenceHasher>>,
     appends: BTreeMap<u64, Vec<(u64, QueueEntry)>>,
     heads: BTreeMap<u64, u64>,
+    /// By name; a transaction touches few queues.
+    records: Vec<(String, QueueRecord)>,
 }
 
 /// The hasher of the unwritten leases' (queue id, sequence) keys: FxHash's multiply-rotate.
@@ -438,6 +445,7 @@ struct UnwrittenLease {
 /// and before any queue operation other than enqueue and ack, so those see complete tables.
 pub(crate) fn write_unwritten(txn: &WriteTransaction<'_>) -> Result<()> {
     let pending = std::mem::take(&mut *txn.unwritten.lock());
+    write_records(txn, pending.records)?;
     if pending.leases.is_empty() && pending.appends.is_empty() && pending.heads.is_empty() {
         return Ok(());
     }
@@ -491,6 +499,39 @@ pub(crate) fn write_unwritten(txn: &WriteTransaction<'_>) -> Result<()> {
         fifo.retain_in((id, 0)..(id, head), |_, _| false)?;
     }
     Ok(())
+}
+
+/// Writes the queue records the transaction holds (see [`Unwritten`]), for commit or for code
+/// that opens the queues table.
+pub(crate) fn write_held_records(txn: &WriteTransaction<'_>) -> Result<()> {
+    let records = std::mem::take(&mut txn.unwritten.lock().records);
+    write_records(txn, records)
+}
+
+fn write_records(txn: &WriteTransaction<'_>, records: Vec<(String, QueueRecord)>) -> Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    // Not through `table`, which would come back here.
+    let mut queues = txn.txn.open_table(QUEUES)?;
+    for (name, record) in records {
+        queues.insert(name.as_str(), codec::encode_queue(&record).as_slice())?;
+    }
+    Ok(())
+}
+
+/// A queue's record as the transaction last left it: held (see [`Unwritten`]) or stored.
+fn current_record(txn: &WriteTransaction<'_>, queue: &str) -> Result<QueueRecord> {
+    if let Some((_, record)) = txn
+        .unwritten
+        .lock()
+        .records
+        .iter()
+        .find(|(n, _)| n == queue)
+    {
+        return Ok(record.clone());
+    }
+    load(&txn.txn.open_table(QUEUES)?, queue)
 }
 
 /// The FIFO lanes table, open for writing.
@@ -1073,6 +1114,37 @@ fn insert_entry(
     options: EnqueueOptions,
     deaths: Vec<Death>,
 ) -> Result<()> {
+    if options.priority == 0 && options.delay_ms == 0 {
+        // Into the lane of a queue with room: only the record and the appends change, both
+        // held by the transaction (see `Unwritten`).
+        let mut unwritten = txn.unwritten.lock();
+        let held = match unwritten.records.iter().position(|(n, _)| n == queue) {
+            Some(i) => i,
+            None => {
+                drop(unwritten);
+                let record = load(&txn.txn.open_table(QUEUES)?, queue)?;
+                unwritten = txn.unwritten.lock();
+                unwritten.records.push((queue.to_owned(), record));
+                unwritten.records.len() - 1
+            }
+        };
+        let record = &mut unwritten.records[held].1;
+        if record
+            .config
+            .max_length
+            .is_none_or(|max| record.ready + record.delayed < max)
+        {
+            let seq = record.next_seq;
+            record.next_seq += 1;
+            record.ready += 1;
+            let (id, entry) = (
+                record.id,
+                fresh_entry(message, 0, deaths, txn.now_ms(), &record.config),
+            );
+            unwritten.appends.entry(id).or_default().push((seq, entry));
+            return Ok(());
+        }
+    }
     let mut op = QueueOp::open(txn, queue)?;
     // Refused before anything changes, also when making room would dead-letter the oldest
     // into a queue that refuses it.
@@ -1111,8 +1183,7 @@ fn insert_entry(
 /// written: with [`Error::QueueFull`] when its length bound rejects publishes (or is 0) and
 /// they do not fit, or when making room would dead-letter into a queue that refuses them.
 pub(crate) fn check_room(txn: &WriteTransaction<'_>, queue: &str, count: u64) -> Result<()> {
-    let record = load(&txn.table(QUEUES)?, queue)?;
-    check_room_of(txn, queue, &record, count)
+    check_room_of(txn, queue, &current_record(txn, queue)?, count)
 }
 
 /// [`check_room`] for a queue whose record the caller holds; reads the records of the
@@ -1149,7 +1220,7 @@ fn check_room_of(
         if count == 0 {
             return Ok(());
         }
-        record = Cow::Owned(load(&txn.table(QUEUES)?, &dlq)?);
+        record = Cow::Owned(current_record(txn, &dlq)?);
         queue = Cow::Owned(dlq);
     }
     Ok(())

@@ -6,6 +6,8 @@
 //! exactly one word (an empty one too) and the word `#` matches zero or more words; `*` or `#`
 //! inside a longer word (`a*`) is a literal character.
 
+use std::sync::Arc;
+
 use redb::ReadableTable;
 
 use crate::codec::{self, BindingRecord};
@@ -163,21 +165,29 @@ pub fn pattern_matches(pattern: &str, key: &str) -> bool {
     reach[k.len()]
 }
 
-/// A topic's bindings, loaded once per publish.
-#[derive(Default)]
+/// A topic's bindings, loaded once per transaction.
 pub(crate) struct Router {
     bindings: Vec<BindingRecord>,
 }
 
 impl Router {
-    pub(crate) fn load(txn: &WriteTransaction<'_>, topic_id: u64) -> Result<Self> {
-        let table = txn.table(BINDINGS)?;
+    /// The bindings of the topic `topic_id`, as the transaction holds them: loaded by its first
+    /// publish to the topic, and again after anything opened the bindings table (which empties
+    /// `WriteTransaction::routers`).
+    pub(crate) fn of(txn: &WriteTransaction<'_>, topic_id: u64) -> Result<Arc<Self>> {
+        if let Some((_, router)) = txn.routers.lock().iter().find(|(id, _)| *id == topic_id) {
+            return Ok(router.clone());
+        }
+        // Not through `table`, which would empty the routers.
+        let table = txn.txn.open_table(BINDINGS)?;
         let mut bindings = Vec::new();
         for entry in table.range((topic_id, 0)..=(topic_id, u64::MAX))? {
             let (_, value) = entry?;
             bindings.push(codec::decode_binding(value.value())?);
         }
-        Ok(Router { bindings })
+        let router = Arc::new(Router { bindings });
+        txn.routers.lock().push((topic_id, router.clone()));
+        Ok(router)
     }
 
     pub(crate) fn is_empty(&self) -> bool {

@@ -406,10 +406,10 @@ impl WriteTransaction<'_> {
         let append_ms = now.max(record.last_append_ms);
         // Most topics have no bindings: then the bindings table is not even opened.
         let router = match record.bindings {
-            Some(0) => routing::Router::default(),
-            _ => routing::Router::load(self, record.id)?,
+            Some(0) => None,
+            _ => Some(routing::Router::of(self, record.id)?).filter(|r| !r.is_empty()),
         };
-        if !router.is_empty() {
+        if let Some(router) = &router {
             router.check(self, messages)?;
         }
         if record.config.retention.keeps_log() {
@@ -427,7 +427,7 @@ impl WriteTransaction<'_> {
         }
         record.next_offset = start + messages.len() as u64;
         record.last_append_ms = append_ms;
-        if !router.is_empty() {
+        if let Some(router) = &router {
             for message in messages {
                 router.route(self, &stamped(message, now))?;
             }

@@ -36,6 +36,9 @@ pub struct WriteTransaction<'db> {
     /// The error of an operation that failed part-way, having changed the transaction: it
     /// can no longer commit (see [`WriteTransaction::broken`]).
     broken: parking_lot::Mutex<Option<Error>>,
+    /// The bindings of the topics published to, by topic id, loaded once per transaction
+    /// (see [`routing::Router::of`]); emptied whenever the bindings table is opened.
+    pub(crate) routers: parking_lot::Mutex<Vec<(u64, Arc<routing::Router>)>>,
     /// Ties the transaction to a borrow of its database in the public signature; group commit
     /// shares one transaction between threads, so it owns its handle.
     _database: PhantomData<&'db Shared>,
@@ -51,6 +54,7 @@ impl<'db> WriteTransaction<'db> {
             unwritten: parking_lot::Mutex::default(),
             appends: parking_lot::Mutex::default(),
             broken: parking_lot::Mutex::default(),
+            routers: parking_lot::Mutex::default(),
             _database: PhantomData,
         }
     }
@@ -110,6 +114,11 @@ impl<'db> WriteTransaction<'db> {
     ) -> Result<redb::Table<'_, K, V>> {
         if definition.name() == LOG.name() || definition.name() == TOPICS.name() {
             self.write_appends()?;
+        } else if definition.name() == QUEUES.name() {
+            queue::write_held_records(self)?;
+        } else if definition.name() == BINDINGS.name() {
+            // Whoever opens it may change the bindings.
+            self.routers.lock().clear();
         }
         Ok(self.txn.open_table(definition)?)
     }

@@ -335,6 +335,41 @@ fn routing_by_exact_key_fanout_and_wildcards() {
 }
 
 #[test]
+fn bindings_changed_in_a_transaction_route_its_next_publishes() {
+    let (db, _) = db_with_clock();
+    db.write(|txn| {
+        txn.create_topic("t", TopicConfig::default())?;
+        for q in ["a", "b"] {
+            txn.create_queue(q, QueueConfig::default())?;
+        }
+        txn.bind("t", "a", Binding::Fanout)
+    })
+    .unwrap();
+    db.write(|txn| {
+        txn.publish("t", &Message::new("1"))?;
+        txn.bind("t", "b", Binding::Fanout)?;
+        txn.publish("t", &Message::new("2"))?;
+        txn.unbind("t", "a", &Binding::Fanout)?;
+        txn.publish("t", &Message::new("3"))?;
+        txn.delete_queue("b")?;
+        txn.publish("t", &Message::new("4"))?;
+        txn.bind("t", "a", Binding::key("x"))?;
+        txn.publish("t", &Message::new("5").with_routing_key("x"))?;
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    assert_eq!(
+        payloads(&db.write(|txn| txn.receive("a", 10)).unwrap()),
+        ["1", "2", "5"]
+    );
+    assert!(matches!(
+        db.write(|txn| txn.receive("b", 10)),
+        Err(Error::UnknownQueue { .. })
+    ));
+    assert_eq!(db.read(|r| r.topic_info("t")).unwrap().next_offset, 5);
+}
+
+#[test]
 fn a_queue_matched_by_several_bindings_gets_the_message_once() {
     let db = Database::in_memory().unwrap();
     db.write(|txn| {
@@ -564,6 +599,58 @@ fn an_ack_of_several_queues_with_one_stale_lease_changes_nothing() {
         db.read(|r| r.queue_info("b")).unwrap(),
     );
     assert_eq!((a.depth(), b.depth()), (0, 0));
+}
+
+#[test]
+fn what_a_transaction_enqueued_is_seen_by_everything_after_it_in_the_transaction() {
+    let (db, _) = db_with_clock();
+    let bounded = |max| {
+        QueueConfig::default()
+            .max_length(max, Overflow::RejectPublish)
+            .dead_letter("dlq")
+    };
+    queue(&db, "dlq", QueueConfig::default());
+    queue(&db, "q", bounded(3));
+    db.write(|txn| {
+        txn.create_topic("t", TopicConfig::default())?;
+        txn.bind("t", "q", Binding::Fanout)
+    })
+    .unwrap();
+    db.write(|txn| {
+        txn.enqueue("q", &Message::new("a"))?;
+        txn.publish("t", &Message::new("b"))?;
+        assert_eq!(txn.queue_info("q")?.ready, 2);
+        txn.enqueue("q", &Message::new("c"))?;
+        // Full now: an enqueue and a routed publish are refused, and the transaction goes on.
+        let full = |r: Result<_, Error>| matches!(r, Err(Error::QueueFull { .. }));
+        assert!(full(txn.enqueue("q", &Message::new("d")).map(|_| 0)));
+        assert!(full(txn.publish("t", &Message::new("e"))));
+        let got = txn.receive("q", 1)?;
+        assert_eq!(payloads(&got), ["a"]);
+        txn.nack(&got[0].lease, Nack::DeadLetter)?;
+        txn.enqueue("q", &Message::new("f"))?;
+        txn.configure_queue("q", bounded(4))?;
+        txn.enqueue("q", &Message::new("g"))?;
+        let info = txn.queue_info("q")?;
+        assert_eq!((info.ready, info.dead_lettered), (4, 1));
+        // A refused delete (`q` dead-letters into `dlq`) leaves what was enqueued.
+        txn.enqueue("dlq", &Message::new("gone"))?;
+        txn.delete_queue("dlq").unwrap_err();
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let taken = |q: &str| payloads(&db.write(|txn| txn.receive(q, 10)).unwrap());
+    assert_eq!(taken("q"), ["b", "c", "f", "g"]);
+    assert_eq!(taken("dlq"), ["a", "gone"]);
+    // A transaction that fails takes what it held with it.
+    db.write(|txn| {
+        txn.enqueue("dlq", &Message::new("rolled back"))?;
+        Err::<(), _>(Error::InvalidConfig("the closure failed".into()))
+    })
+    .unwrap_err();
+    let info = db.read(|r| r.queue_info("dlq")).unwrap();
+    assert_eq!((info.ready, info.in_flight), (0, 2));
+    assert!(db.verify(|_| {}).unwrap().problems.is_empty());
 }
 
 #[test]
