@@ -1037,14 +1037,18 @@ impl<'t> QueueOp<'t> {
     }
 }
 
-/// Checks the leases of one queue for an ack: the leases from earlier commits with their
-/// stored heads, and the leases granted by this transaction (never written) with whether
-/// each came from the FIFO lane.
-#[allow(clippy::type_complexity)]
-fn check_acks(
-    op: &QueueOp<'_>,
-    leases: &[&Lease],
-) -> Result<(Vec<(u64, EntryHead)>, Vec<(u64, bool)>)> {
+/// The leases of one queue an ack settles, checked.
+struct Acks {
+    /// Leases from earlier commits, by sequence, with their stored heads.
+    written: Vec<(u64, EntryHead)>,
+    /// Leases granted by this transaction (never written), by sequence, with whether each
+    /// came from the FIFO lane.
+    granted: Vec<(u64, bool)>,
+}
+
+/// Checks the leases of one queue for an ack: [`Error::StaleLease`] for one that is stale or
+/// listed twice.
+fn check_acks(op: &QueueOp<'_>, leases: &[&Lease]) -> Result<Acks> {
     let stale = |lease: &Lease| Error::StaleLease {
         queue: lease.queue.clone(),
     };
@@ -1066,7 +1070,7 @@ fn check_acks(
             None => written.push((lease.sequence, op.leased_head(lease)?)),
         }
     }
-    Ok((written, granted))
+    Ok(Acks { written, granted })
 }
 
 /// Where the first ready message of a queue is.
@@ -1128,20 +1132,16 @@ fn insert_entry(
                 unwritten.records.len() - 1
             }
         };
-        let record = &mut unwritten.records[held].1;
+        let Unwritten {
+            records, appends, ..
+        } = &mut *unwritten;
+        let record = &mut records[held].1;
         if record
             .config
             .max_length
             .is_none_or(|max| record.ready + record.delayed < max)
         {
-            let seq = record.next_seq;
-            record.next_seq += 1;
-            record.ready += 1;
-            let (id, entry) = (
-                record.id,
-                fresh_entry(message, 0, deaths, txn.now_ms(), &record.config),
-            );
-            unwritten.appends.entry(id).or_default().push((seq, entry));
+            append_to_lane(appends, record, message, deaths, txn.now_ms());
             return Ok(());
         }
     }
@@ -1155,28 +1155,44 @@ fn insert_entry(
             max_length: op.record.config.max_length.unwrap_or(0),
         });
     }
-    let seq = op.record.next_seq;
-    op.record.next_seq += 1;
-    let mut entry = fresh_entry(
-        message,
-        options.delay_ms,
-        deaths,
-        op.now_ms,
-        &op.record.config,
-    );
-    entry.priority = options.priority;
-    if entry.state == EntryState::Ready && entry.priority == 0 {
-        op.record.ready += 1;
-        op.unwritten
-            .lock()
-            .appends
-            .entry(op.id())
-            .or_default()
-            .push((seq, entry));
+    if options.priority == 0 && options.delay_ms == 0 {
+        append_to_lane(
+            &mut op.unwritten.lock().appends,
+            &mut op.record,
+            message,
+            deaths,
+            op.now_ms,
+        );
     } else {
+        let seq = op.record.next_seq;
+        op.record.next_seq += 1;
+        let mut entry = fresh_entry(
+            message,
+            options.delay_ms,
+            deaths,
+            op.now_ms,
+            &op.record.config,
+        );
+        entry.priority = options.priority;
         op.list(seq, &entry)?;
     }
     op.store(txn)
+}
+
+/// Puts a new ready message at the end of a queue's FIFO lane, held with the transaction's
+/// appends until commit; the caller stores (or holds) `record`.
+fn append_to_lane(
+    appends: &mut BTreeMap<u64, Vec<(u64, QueueEntry)>>,
+    record: &mut QueueRecord,
+    message: Message,
+    deaths: Vec<Death>,
+    now_ms: u64,
+) {
+    let seq = record.next_seq;
+    record.next_seq += 1;
+    record.ready += 1;
+    let entry = fresh_entry(message, 0, deaths, now_ms, &record.config);
+    appends.entry(record.id).or_default().push((seq, entry));
 }
 
 /// Refuses `count` new messages for `queue` as enqueueing them would, before anything is
@@ -1511,7 +1527,7 @@ impl WriteTransaction<'_> {
         for run in runs {
             let mut op = QueueOp::open(self, &run[0].queue)?;
             let id = op.id();
-            let (written, granted) = check_acks(&op, run)?;
+            let Acks { written, granted } = check_acks(&op, run)?;
             for (seq, head) in &written {
                 op.unlist(*seq, head)?;
             }
