@@ -362,7 +362,10 @@ impl WriteTransaction<'_> {
     /// [`Error::InvalidRoutingKey`], [`Error::QueueFull`] from a bound queue that rejects,
     /// [`Error::InvalidConfig`] for an `x-priority` or `x-delay` header that is not a number
     /// on a message a binding routes. These are found before anything is written: the
-    /// transaction is as it was, and the closure may handle the error and go on.
+    /// transaction is as it was, and the closure may handle the error and go on. One case
+    /// is found only while routing: a message whose overflow from one bound queue fills
+    /// another it also goes to (a dead-letter queue bound to the same topic). That error
+    /// leaves the transaction unable to commit; its commit returns the same error.
     ///
     /// # Examples
     ///
@@ -429,7 +432,12 @@ impl WriteTransaction<'_> {
         record.last_append_ms = append_ms;
         if let Some(router) = &router {
             for message in messages {
-                router.route(self, &stamped(message, now))?;
+                if let Err(e) = router.route(self, &stamped(message, now)) {
+                    // What `Router::check` cannot foresee (an overflow dead-lettered into a
+                    // queue the message also goes to, filling it) fails after the append.
+                    self.break_with(&e);
+                    return Err(e);
+                }
             }
         }
         let budget = 2 * messages.len() as u64 + 64;

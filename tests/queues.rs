@@ -654,6 +654,42 @@ fn what_a_transaction_enqueued_is_seen_by_everything_after_it_in_the_transaction
 }
 
 #[test]
+fn a_publish_whose_overflow_fills_a_queue_it_also_goes_to_cannot_commit() {
+    let db = Database::in_memory().unwrap();
+    db.write(|txn| {
+        txn.create_queue(
+            "dlq",
+            QueueConfig::default().max_length(2, Overflow::RejectPublish),
+        )?;
+        txn.create_queue(
+            "a",
+            QueueConfig::default()
+                .max_length(1, Overflow::DropOldest)
+                .dead_letter("dlq"),
+        )?;
+        txn.create_topic("t", TopicConfig::default())?;
+        txn.bind("t", "a", Binding::Fanout)?;
+        txn.bind("t", "dlq", Binding::Fanout)?;
+        txn.enqueue("dlq", &Message::new("dead"))?;
+        txn.enqueue("a", &Message::new("old"))
+    })
+    .unwrap();
+    // Each queue alone has room, but routing to `a` dead-letters "old" into `dlq`, which is
+    // then full when the message itself comes to it.
+    let result = db.write(|txn| {
+        let refused = txn.publish("t", &Message::new("new"));
+        assert!(matches!(refused, Err(Error::QueueFull { ref queue, .. }) if queue == "dlq"));
+        Ok::<_, Error>(())
+    });
+    assert!(matches!(result, Err(Error::QueueFull { .. })), "{result:?}");
+    assert_eq!(db.read(|r| r.topic_info("t")).unwrap().next_offset, 0);
+    let taken = |q: &str| payloads(&db.write(|txn| txn.receive(q, 10)).unwrap());
+    assert_eq!(taken("a"), ["old"]);
+    assert_eq!(taken("dlq"), ["dead"]);
+    assert!(db.verify(|_| {}).unwrap().problems.is_empty());
+}
+
+#[test]
 fn a_receive_that_cannot_dead_letter_fails_and_its_transaction_cannot_commit() {
     let (db, clock) = db_with_clock();
     queue(
