@@ -364,8 +364,9 @@ impl WriteTransaction<'_> {
     /// on a message a binding routes. These are found before anything is written: the
     /// transaction is as it was, and the closure may handle the error and go on. One case
     /// is found only while routing: a message whose overflow from one bound queue fills
-    /// another it also goes to (a dead-letter queue bound to the same topic). That error
-    /// leaves the transaction unable to commit; its commit returns the same error.
+    /// another it also goes to (a dead-letter queue bound to the same topic). That error,
+    /// and [`Error::Corrupted`] from a damaged batch that retention meets after the append,
+    /// leave the transaction unable to commit; its commit returns the same error.
     ///
     /// # Examples
     ///
@@ -415,33 +416,37 @@ impl WriteTransaction<'_> {
         if let Some(router) = &router {
             router.check(self, messages)?;
         }
-        if record.config.retention.keeps_log() {
-            record.stored_bytes += self.appends.lock().push(record.id, start, messages, now);
-            // The time index maps each append millisecond to its first offset; a publish in
-            // the same millisecond as the last one has nothing to add.
-            if !messages.is_empty() && append_ms != record.last_append_ms {
-                let mut time = self.table(LOG_TIME)?;
-                if time.get((record.id, append_ms))?.is_none() {
-                    time.insert((record.id, append_ms), start)?;
+        // From here on the transaction changes. What `Router::check` cannot foresee (an
+        // overflow dead-lettered into a queue the message also goes to, filling it) and what
+        // only a damaged log shows (in `trim`) fail part-way: the transaction cannot commit.
+        let appended = (|| {
+            if record.config.retention.keeps_log() {
+                record.stored_bytes += self.appends.lock().push(record.id, start, messages, now);
+                // The time index maps each append millisecond to its first offset; a publish
+                // in the same millisecond as the last one has nothing to add.
+                if !messages.is_empty() && append_ms != record.last_append_ms {
+                    let mut time = self.table(LOG_TIME)?;
+                    if time.get((record.id, append_ms))?.is_none() {
+                        time.insert((record.id, append_ms), start)?;
+                    }
+                }
+            } else {
+                record.first_offset = start + messages.len() as u64;
+            }
+            record.next_offset = start + messages.len() as u64;
+            record.last_append_ms = append_ms;
+            if let Some(router) = &router {
+                for message in messages {
+                    router.route(self, &stamped(message, now))?;
                 }
             }
-        } else {
-            record.first_offset = start + messages.len() as u64;
+            let budget = 2 * messages.len() as u64 + 64;
+            trim(self, &mut record, budget, now)
+        })();
+        if let Err(e) = appended {
+            self.break_with(&e);
+            return Err(e);
         }
-        record.next_offset = start + messages.len() as u64;
-        record.last_append_ms = append_ms;
-        if let Some(router) = &router {
-            for message in messages {
-                if let Err(e) = router.route(self, &stamped(message, now)) {
-                    // What `Router::check` cannot foresee (an overflow dead-lettered into a
-                    // queue the message also goes to, filling it) fails after the append.
-                    self.break_with(&e);
-                    return Err(e);
-                }
-            }
-        }
-        let budget = 2 * messages.len() as u64 + 64;
-        trim(self, &mut record, budget, now)?;
         let end = record.next_offset;
         self.appends.lock().keep_record(topic, record);
         self.mark_published();

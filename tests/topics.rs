@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::Rng;
-use mqlite::redb::TableDefinition;
+use mqlite::redb::{ReadableTable, TableDefinition};
 use mqlite::{Database, Error, ManualClock, Message, MessageId, Retention, StartAt, TopicConfig};
 
 const ORDERS: TableDefinition<u64, &str> = TableDefinition::new("orders");
@@ -875,4 +875,38 @@ fn publishes_in_one_transaction_share_record_batches_and_read_back_in_it() {
         "grouped",
         6,
     );
+}
+
+#[test]
+fn a_publish_that_meets_a_damaged_batch_while_trimming_cannot_commit() {
+    // The log table, reached through the escape hatch only to damage a batch.
+    const LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("mqlite_log");
+    let db = Database::in_memory().unwrap();
+    let retention = Retention {
+        max_messages: Some(2),
+        ..Retention::default()
+    };
+    topic(&db, "t", retention);
+    db.write(|txn| txn.publish("t", &Message::new("a")))
+        .unwrap();
+    db.write(|txn| {
+        let mut log = txn.redb().open_table(LOG)?;
+        let key = log.first()?.map(|(k, _)| k.value()).unwrap();
+        log.insert(key, b"not a batch".as_slice())?;
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    // The third message makes retention drop the first batch, which is damaged: the
+    // publish fails after its append, and the handled error does not commit half of it.
+    let result = db.write(|txn| {
+        txn.publish("t", &Message::new("b"))?;
+        let refused = txn.publish("t", &Message::new("c"));
+        assert!(
+            matches!(refused, Err(Error::Corrupted { .. })),
+            "{refused:?}"
+        );
+        Ok::<_, Error>(())
+    });
+    assert!(matches!(result, Err(Error::Corrupted { .. })), "{result:?}");
+    assert_eq!(db.read(|r| r.topic_info("t")).unwrap().next_offset, 1);
 }
