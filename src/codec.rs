@@ -849,13 +849,14 @@ pub(crate) fn encode_queue_batch(items: &[(u64, QueueEntry)]) -> Vec<u8> {
 }
 
 /// Decodes the entries of a FIFO-lane batch from sequence `from` on, up to `max` of them,
-/// onto `out` (the ones before `from` are checked but not copied).
+/// onto `out` (the others are checked but not copied). Returns how many entries the batch
+/// holds from `from` on, copied or not.
 pub(crate) fn decode_queue_batch(
     bytes: &[u8],
     from: u64,
     max: usize,
     out: &mut Vec<(u64, QueueEntry)>,
-) -> Result<()> {
+) -> Result<usize> {
     const WHAT: &str = "queue batch";
     let mut r = Reader::open(bytes, Kind::QueueBatch, WHAT)?;
     let count = r.u32()? as usize;
@@ -864,19 +865,22 @@ pub(crate) fn decode_queue_batch(
     }
     let limit = out.len() + max;
     let mut last = None;
+    let mut from_on = 0;
     for _ in 0..count {
         let seq = r.u64()?;
         if last.is_some_and(|l| seq <= l) {
             return Err(Error::corrupted(format!("{WHAT}: sequences out of order")));
         }
         last = Some(seq);
+        from_on += usize::from(seq >= from);
         if seq < from || out.len() >= limit {
             skip_entry(&mut r)?;
         } else {
             out.push((seq, read_entry(&mut r)?));
         }
     }
-    r.finish()
+    r.finish()?;
+    Ok(from_on)
 }
 
 fn skip_entry(r: &mut Reader<'_>) -> Result<()> {

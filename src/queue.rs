@@ -501,6 +501,20 @@ pub(crate) fn write_unwritten(txn: &WriteTransaction<'_>) -> Result<()> {
     Ok(())
 }
 
+/// How many entries the FIFO lane of queue `id` holds from sequence `from` on; every batch is
+/// checked, none copied.
+fn lane_len(
+    fifo: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    id: u64,
+    from: u64,
+) -> Result<u64> {
+    let mut count = 0;
+    for item in fifo.range((id, from)..=(id, u64::MAX))? {
+        count += codec::decode_queue_batch(item?.1.value(), from, 0, &mut Vec::new())? as u64;
+    }
+    Ok(count)
+}
+
 /// Writes the queue records the transaction holds (see [`Unwritten`]), for commit or for code
 /// that opens the queues table.
 pub(crate) fn write_held_records(txn: &WriteTransaction<'_>) -> Result<()> {
@@ -936,16 +950,38 @@ impl<'t> QueueOp<'t> {
     /// ready messages out of order (purge, redrive). The caller wrote the transaction's
     /// unwritten state first, so no lease points into the lane.
     fn unlane(&mut self) -> Result<()> {
-        let id = self.id();
-        let head = self.record.fifo_head;
-        let fifo = self.lanes()?;
-        let items = read_lane(fifo, id, head, usize::MAX)?;
-        fifo.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
-        self.record.fifo_head = self.record.next_seq;
+        let (id, head) = (self.id(), self.record.fifo_head);
+        let items = read_lane(self.lanes()?, id, head, usize::MAX)?;
+        self.clear_lane(items.len() as u64)?;
         for (seq, entry) in items {
-            self.record.ready -= 1;
             self.list(seq, &entry)?;
         }
+        Ok(())
+    }
+
+    /// Deletes the FIFO lane's ready messages (those from its head on) with their batches,
+    /// without listing them first; returns how many.
+    fn drop_lane(&mut self) -> Result<u64> {
+        let (id, head) = (self.id(), self.record.fifo_head);
+        let count = lane_len(self.lanes()?, id, head)?;
+        self.clear_lane(count)?;
+        Ok(count)
+    }
+
+    /// Deletes every batch of the FIFO lane, which holds `count` ready messages from its head
+    /// on. Below the head nothing is needed: a message received from the lane has an entry of
+    /// its own once written, and the caller has written the transaction's (see
+    /// [`write_unwritten`]).
+    fn clear_lane(&mut self, count: u64) -> Result<()> {
+        let id = self.id();
+        self.lanes()?
+            .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        self.record.fifo_head = self.record.next_seq;
+        self.record.ready = self
+            .record
+            .ready
+            .checked_sub(count)
+            .ok_or_else(|| Error::corrupted("queue ready count below its FIFO lane"))?;
         Ok(())
     }
 
@@ -1684,7 +1720,7 @@ impl WriteTransaction<'_> {
     pub fn purge_queue(&self, queue: &str) -> Result<u64> {
         write_unwritten(self)?;
         let mut op = QueueOp::open(self, queue)?;
-        op.unlane()?;
+        let mut purged = op.drop_lane()?;
         let id = op.id();
         let mut seqs: Vec<u64> = op
             .ready
@@ -1694,7 +1730,6 @@ impl WriteTransaction<'_> {
         for entry in op.timers.range((id, 0, 0)..=(id, u64::MAX, u64::MAX))? {
             seqs.push(entry?.0.value().2);
         }
-        let mut purged = 0;
         for seq in seqs {
             let Some(entry) = op.get(seq)? else { continue };
             if entry.state == EntryState::InFlight {

@@ -1204,6 +1204,58 @@ fn leases_granted_and_settled_in_one_transaction_behave_as_across_commits() {
     ));
 }
 
+#[test]
+fn purge_takes_ready_and_delayed_messages_and_leaves_in_flight_ones() {
+    let (db, clock) = db_with_clock();
+    queue(&db, "q", QueueConfig::default());
+    // Lane batches across several commits, a receive that moved the head inside one, a
+    // priority, a delay, and leases both written and granted in the purging transaction.
+    for round in 0..3 {
+        db.write(|txn| {
+            for i in 0..300 {
+                txn.enqueue("q", &Message::new(format!("{round}-{i}")))?;
+            }
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+    }
+    let leased = db.write(|txn| txn.receive("q", 150)).unwrap();
+    db.write(|txn| {
+        let urgent = EnqueueOptions {
+            priority: 5,
+            ..EnqueueOptions::default()
+        };
+        let later = EnqueueOptions {
+            delay_ms: 60_000,
+            ..EnqueueOptions::default()
+        };
+        txn.enqueue_with("q", &Message::new("urgent"), urgent)?;
+        txn.enqueue_with("q", &Message::new("later"), later)
+    })
+    .unwrap();
+    let purged = db
+        .write(|txn| {
+            let held = txn.receive("q", 10)?;
+            assert_eq!(payloads(&held[..1]), ["urgent"]);
+            txn.purge_queue("q")
+        })
+        .unwrap();
+    // 900 + 2 enqueued, 150 + 10 in flight.
+    assert_eq!(purged, 742);
+    let info = db.read(|r| r.queue_info("q")).unwrap();
+    assert_eq!((info.ready, info.delayed, info.in_flight), (0, 0, 160));
+    assert!(db.verify(|_| {}).unwrap().problems.is_empty());
+    // The queue goes on: new messages flow, and expired leases come back.
+    enqueue(&db, "q", "after");
+    db.write(|txn| txn.ack(&leased[0].lease)).unwrap();
+    clock.advance_ms(60_000);
+    let again = db.write(|txn| txn.receive("q", 1_000)).unwrap();
+    assert_eq!(again.len(), 160);
+    assert_eq!(again.iter().filter(|d| d.redelivered).count(), 159);
+    assert!(payloads(&again).contains(&"after".to_owned()));
+    assert!(db.verify(|_| {}).unwrap().problems.is_empty());
+}
+
 fn browse(db: &Database, q: &str) -> Vec<(String, mqlite::EntryState)> {
     db.read(|r| r.browse_queue(q, 0, 100))
         .unwrap()
