@@ -1666,9 +1666,9 @@ impl WriteTransaction<'_> {
             .map(|e| e.map(|(k, _)| k.value().2))
             .collect::<Result<_, _>>()?;
         let mut targets = Vec::new();
-        // How many each source queue takes so far: a message goes only if its queue has room
-        // for it after those, so that every insert below succeeds.
-        let mut taken: HashMap<String, u64> = HashMap::new();
+        // Each source queue's record (read once) and how many it takes so far: a message goes
+        // only if its queue has room for it after those, so that every insert below succeeds.
+        let mut taken: HashMap<String, Option<(QueueRecord, u64)>> = HashMap::new();
         for seq in candidates {
             if targets.len() >= max {
                 break;
@@ -1680,13 +1680,22 @@ impl WriteTransaction<'_> {
             if source == dead_letter_queue {
                 continue;
             }
-            let count = taken.get(&source).copied().unwrap_or(0) + 1;
-            match check_room(self, &source, count) {
-                Ok(()) => {}
-                Err(Error::UnknownQueue { .. } | Error::QueueFull { .. }) => continue,
+            if !taken.contains_key(&source) {
+                let record = match current_record(self, &source) {
+                    Ok(record) => Some((record, 0)),
+                    Err(Error::UnknownQueue { .. }) => None,
+                    Err(e) => return Err(e),
+                };
+                taken.insert(source.clone(), record);
+            }
+            let Some(Some((record, count))) = taken.get_mut(&source) else {
+                continue;
+            };
+            match check_room_of(self, &source, record, *count + 1) {
+                Ok(()) => *count += 1,
+                Err(Error::QueueFull { .. }) => continue,
                 Err(e) => return Err(e),
             }
-            taken.insert(source.clone(), count);
             op.unlist(seq, &entry.head())?;
             op.entries.remove((id, seq))?;
             targets.push((source, entry));

@@ -492,13 +492,15 @@ fn a_refused_publish_leaves_its_transaction_as_it_was_and_the_rest_commits() {
     assert!(db.verify(|_| {}).unwrap().problems.is_empty());
 }
 
-#[test]
-fn an_overflow_the_dead_letter_queue_refuses_changes_nothing() {
+/// Queue `a` holds "first" and makes room by dead-lettering into `dlq`, which rejects when
+/// full and holds "dead" out of `dlq_max`; topic `t` routes to `a`, and to `dlq` too when
+/// `bind_dlq`.
+fn overflowing_into_bounded_dlq(dlq_max: u64, bind_dlq: bool) -> Database {
     let db = Database::in_memory().unwrap();
     db.write(|txn| {
         txn.create_queue(
             "dlq",
-            QueueConfig::default().max_length(1, Overflow::RejectPublish),
+            QueueConfig::default().max_length(dlq_max, Overflow::RejectPublish),
         )?;
         txn.create_queue(
             "a",
@@ -506,18 +508,27 @@ fn an_overflow_the_dead_letter_queue_refuses_changes_nothing() {
                 .max_length(1, Overflow::DropOldest)
                 .dead_letter("dlq"),
         )?;
-        txn.create_topic("x", TopicConfig::default())?;
-        txn.bind("x", "a", Binding::Fanout)?;
+        txn.create_topic("t", TopicConfig::default())?;
+        txn.bind("t", "a", Binding::Fanout)?;
+        if bind_dlq {
+            txn.bind("t", "dlq", Binding::Fanout)?;
+        }
         txn.enqueue("dlq", &Message::new("dead"))?;
         txn.enqueue("a", &Message::new("first"))
     })
     .unwrap();
+    db
+}
+
+#[test]
+fn an_overflow_the_dead_letter_queue_refuses_changes_nothing() {
+    let db = overflowing_into_bounded_dlq(1, false);
     db.write(|txn| {
         // Making room in `a` would dead-letter "first" into `dlq`, which is full and rejects:
         // both the enqueue and the publish are refused before they change anything.
         let refused = txn.enqueue("a", &Message::new("second"));
         assert!(matches!(refused, Err(Error::QueueFull { ref queue, .. }) if queue == "dlq"));
-        let refused = txn.publish("x", &Message::new("third"));
+        let refused = txn.publish("t", &Message::new("third"));
         assert!(matches!(refused, Err(Error::QueueFull { ref queue, .. }) if queue == "dlq"));
         Ok::<_, Error>(())
     })
@@ -530,7 +541,7 @@ fn an_overflow_the_dead_letter_queue_refuses_changes_nothing() {
         payloads(&db.write(|txn| txn.receive("dlq", 10)).unwrap()),
         ["dead"]
     );
-    assert_eq!(db.read(|r| r.topic_info("x")).unwrap().next_offset, 0);
+    assert_eq!(db.read(|r| r.topic_info("t")).unwrap().next_offset, 0);
     assert!(db.verify(|_| {}).unwrap().problems.is_empty());
 }
 
@@ -655,26 +666,8 @@ fn what_a_transaction_enqueued_is_seen_by_everything_after_it_in_the_transaction
 
 #[test]
 fn a_publish_whose_overflow_fills_a_queue_it_also_goes_to_cannot_commit() {
-    let db = Database::in_memory().unwrap();
-    db.write(|txn| {
-        txn.create_queue(
-            "dlq",
-            QueueConfig::default().max_length(2, Overflow::RejectPublish),
-        )?;
-        txn.create_queue(
-            "a",
-            QueueConfig::default()
-                .max_length(1, Overflow::DropOldest)
-                .dead_letter("dlq"),
-        )?;
-        txn.create_topic("t", TopicConfig::default())?;
-        txn.bind("t", "a", Binding::Fanout)?;
-        txn.bind("t", "dlq", Binding::Fanout)?;
-        txn.enqueue("dlq", &Message::new("dead"))?;
-        txn.enqueue("a", &Message::new("old"))
-    })
-    .unwrap();
-    // Each queue alone has room, but routing to `a` dead-letters "old" into `dlq`, which is
+    let db = overflowing_into_bounded_dlq(2, true);
+    // Each queue alone has room, but routing to `a` dead-letters "first" into `dlq`, which is
     // then full when the message itself comes to it.
     let result = db.write(|txn| {
         let refused = txn.publish("t", &Message::new("new"));
@@ -684,7 +677,7 @@ fn a_publish_whose_overflow_fills_a_queue_it_also_goes_to_cannot_commit() {
     assert!(matches!(result, Err(Error::QueueFull { .. })), "{result:?}");
     assert_eq!(db.read(|r| r.topic_info("t")).unwrap().next_offset, 0);
     let taken = |q: &str| payloads(&db.write(|txn| txn.receive(q, 10)).unwrap());
-    assert_eq!(taken("a"), ["old"]);
+    assert_eq!(taken("a"), ["first"]);
     assert_eq!(taken("dlq"), ["dead"]);
     assert!(db.verify(|_| {}).unwrap().problems.is_empty());
 }
