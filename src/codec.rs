@@ -14,8 +14,11 @@
 //! trailing bytes: any input yields either the value that was encoded or `Error::Corrupted`,
 //! never a panic and never wrong bytes.
 
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
 use crate::message::{Message, MessageId};
+use crate::payload::Payload;
 use crate::queue::{Death, DeathReason, Overflow, QueueConfig};
 use crate::routing::{Binding, HeaderMatch};
 use crate::topic::{Retention, TopicConfig};
@@ -105,6 +108,11 @@ impl Writer {
 pub(crate) struct Reader<'a> {
     body: &'a [u8],
     what: &'static str,
+    /// Where `body` starts in the envelope.
+    offset: usize,
+    /// A copy of the envelope from the offset given on, which payloads read after
+    /// [`Reader::share_rest`] point into instead of copying their bytes.
+    shared: Option<(Arc<[u8]>, usize)>,
 }
 
 impl<'a> Reader<'a> {
@@ -135,7 +143,15 @@ impl<'a> Reader<'a> {
         Ok(Reader {
             body: &bytes[HEADER_BYTES..],
             what,
+            offset: HEADER_BYTES,
+            shared: None,
         })
+    }
+
+    /// Copies the rest of the body once, so that the payloads read from here on share that
+    /// copy (one allocation for many messages) instead of each copying its own bytes.
+    pub(crate) fn share_rest(&mut self) {
+        self.shared = Some((Arc::from(self.body), self.offset));
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
@@ -144,7 +160,21 @@ impl<'a> Reader<'a> {
         }
         let (head, tail) = self.body.split_at(n);
         self.body = tail;
+        self.offset += n;
         Ok(head)
+    }
+
+    /// A payload (bytes with a u32 length before them): a slice of the shared copy after
+    /// [`Reader::share_rest`], a copy of its own before.
+    fn payload(&mut self) -> Result<Payload> {
+        let len = self.u32()? as usize;
+        let start = self.offset;
+        let bytes = self.take(len)?;
+        let shared = self.shared.as_ref().and_then(|(buf, base)| {
+            let at = start.checked_sub(*base)?;
+            Payload::shared(buf, at, at + len)
+        });
+        Ok(shared.unwrap_or_else(|| Payload::from(bytes.to_vec())))
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
@@ -279,7 +309,7 @@ pub(crate) fn read_message(r: &mut Reader<'_>) -> Result<Message> {
         let name = r.string()?;
         headers.push((name, r.bytes()?.to_vec()));
     }
-    let payload = r.bytes()?.to_vec();
+    let payload = r.payload()?;
     Ok(Message {
         id,
         key,
@@ -461,6 +491,9 @@ pub(crate) fn decode_batch_part(
         skip_message(&mut r)?;
     }
     let wanted = count.saturating_sub(skip).min(max);
+    if wanted > 1 {
+        r.share_rest();
+    }
     for i in 0..wanted {
         take(skip + i, read_message(&mut r)?);
     }
@@ -876,6 +909,11 @@ pub(crate) fn decode_queue_batch(
         if seq < from || out.len() >= limit {
             skip_entry(&mut r)?;
         } else {
+            // The entries from here on are consecutive in the batch: one shared copy serves
+            // their payloads when more than one is taken.
+            if r.shared.is_none() && limit - out.len() > 1 && r.remaining() > 0 {
+                r.share_rest();
+            }
             out.push((seq, read_entry(&mut r)?));
         }
     }
@@ -1072,7 +1110,7 @@ mod tests {
             key: Some(b"k".to_vec()),
             routing_key: "a.b".into(),
             headers: vec![("h".into(), b"v".to_vec())],
-            payload: b"hi".to_vec(),
+            payload: b"hi".into(),
             timestamp_ms: 0x1122_3344,
         }
     }

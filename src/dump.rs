@@ -790,7 +790,7 @@ fn message_from(value: &Value) -> Result<Message> {
         },
         routing_key: obj.str("routing_key")?.to_owned(),
         headers,
-        payload: bytes_from(obj.get("payload")?)?,
+        payload: bytes_from(obj.get("payload")?)?.into(),
         timestamp_ms: obj.u64("timestamp_ms")?,
     })
 }

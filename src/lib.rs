@@ -5,7 +5,7 @@
 //! - [`Database`] and [`Builder`]: open a file, [`Database::write`] and [`Database::read`].
 //! - [`WriteTransaction`]: topics, queues, bindings, the outbox and dedup, and your own tables,
 //!   in one commit. [`ReadTransaction`]: the same things, read from a snapshot.
-//! - [`Message`], [`MessageId`]: what is published.
+//! - [`Message`], [`MessageId`], [`Payload`]: what is published.
 //! - [`Consumer`] (topics) and [`Database::receive`] (queues): blocking consumption.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -23,6 +23,7 @@ mod inspect;
 mod message;
 mod names;
 mod outbox;
+mod payload;
 mod queue;
 mod relay;
 mod routing;
@@ -66,6 +67,7 @@ pub use inspect::{
 pub use message::{Message, MessageId};
 pub use names::MAX_NAME_BYTES;
 pub use outbox::{OutboxInfo, OutboxMessage};
+pub use payload::Payload;
 pub use queue::{
     Death, DeathReason, Delivery, EnqueueOptions, Lease, MAX_DELIVERIES_LIMIT, MAX_LEASE_MS,
     MAX_PRIORITY, Nack, Overflow, QueueConfig, QueueInfo, QueuedMessage,

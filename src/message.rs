@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 
 use crate::clock::system_now_ms;
 use crate::error::{Error, Result};
+use crate::payload::Payload;
 
 /// A 128-bit, time-ordered, unique message id.
 ///
@@ -125,8 +126,8 @@ pub struct Message {
     pub routing_key: String,
     /// Ordered headers; a name may repeat.
     pub headers: Vec<(String, Vec<u8>)>,
-    /// Opaque payload.
-    pub payload: Vec<u8>,
+    /// Opaque payload; read messages share their record batch's buffer (see [`Payload`]).
+    pub payload: Payload,
     /// Milliseconds since the Unix epoch; 0 means "set from the database clock at publish".
     pub timestamp_ms: u64,
 }
@@ -139,7 +140,7 @@ impl Message {
             key: None,
             routing_key: String::new(),
             headers: Vec::new(),
-            payload: payload.into(),
+            payload: Payload::from(payload.into()),
             timestamp_ms: 0,
         }
     }

@@ -38,7 +38,7 @@ async fn every_message_once_through_the_stream() {
             .unwrap()
             .unwrap();
         assert!(
-            seen.insert(String::from_utf8(d.message.payload.clone()).unwrap()),
+            seen.insert(String::from_utf8(d.message.payload.to_vec()).unwrap()),
             "delivered twice"
         );
         let lease = d.lease.clone();

@@ -35,7 +35,7 @@ impl Sink for Recorder {
         }
         let mut got = self.got.lock();
         for m in messages {
-            got.push((m.destination.clone(), m.message.payload.clone()));
+            got.push((m.destination.clone(), m.message.payload.to_vec()));
         }
         Ok(())
     }

@@ -38,7 +38,7 @@ fn enqueue(db: &Database, q: &str, payload: &str) {
 
 fn payloads(d: &[mqlite::Delivery]) -> Vec<String> {
     d.iter()
-        .map(|d| String::from_utf8(d.message.payload.clone()).unwrap())
+        .map(|d| String::from_utf8(d.message.payload.to_vec()).unwrap())
         .collect()
 }
 
@@ -477,7 +477,12 @@ fn a_refused_publish_leaves_its_transaction_as_it_was_and_the_rest_commits() {
         .read(|r| r.read_topic("x", 0, 10))
         .unwrap()
         .into_iter()
-        .map(|r| (r.offset, String::from_utf8(r.message.payload).unwrap()))
+        .map(|r| {
+            (
+                r.offset,
+                String::from_utf8(r.message.payload.into_vec()).unwrap(),
+            )
+        })
         .collect();
     assert_eq!(log, [(0, "a".to_owned()), (1, "d".to_owned())]);
     assert_eq!(db.read(|r| r.topic_info("x")).unwrap().next_offset, 2);
@@ -859,7 +864,9 @@ fn eight_workers_drain_100_000_messages_each_processed_once() {
                     let mut seen = seen.lock();
                     for d in batch {
                         assert_eq!(d.delivery_count, 1, "no lease expired, so no redelivery");
-                        seen.push(u32::from_le_bytes(d.message.payload.try_into().unwrap()));
+                        seen.push(u32::from_le_bytes(
+                            d.message.payload[..].try_into().unwrap(),
+                        ));
                     }
                 }
             })
@@ -933,7 +940,7 @@ fn random_operations_never_lose_a_message_nor_lease_it_twice() {
                         })
                         .unwrap();
                     for (d, choice) in got.into_iter().zip(&choices) {
-                        let id = u32::from_le_bytes(d.message.payload.clone().try_into().unwrap());
+                        let id = u32::from_le_bytes(d.message.payload[..].try_into().unwrap());
                         assert!(pending.contains(&id), "{ctx}: delivered {id}, settled");
                         if let Some(old) = leases.remove(&id) {
                             assert!(old.delivery_count < d.lease.delivery_count, "{ctx}");
@@ -961,7 +968,7 @@ fn random_operations_never_lose_a_message_nor_lease_it_twice() {
                         .write(|txn| txn.receive("q", 1 + rng.below(3) as usize))
                         .unwrap();
                     for d in got {
-                        let id = u32::from_le_bytes(d.message.payload.clone().try_into().unwrap());
+                        let id = u32::from_le_bytes(d.message.payload[..].try_into().unwrap());
                         assert!(
                             pending.contains(&id),
                             "{ctx}: delivered {id} which is settled"
@@ -1019,7 +1026,7 @@ fn random_operations_never_lose_a_message_nor_lease_it_twice() {
             }
             // Drain the dead-letter queue into the model: dead messages leave `pending`.
             for d in db.write(|txn| txn.receive("dlq", 100)).unwrap() {
-                let id = u32::from_le_bytes(d.message.payload.clone().try_into().unwrap());
+                let id = u32::from_le_bytes(d.message.payload[..].try_into().unwrap());
                 assert!(
                     pending.remove(&id),
                     "{ctx}: dead-lettered {id} which was settled"
@@ -1034,13 +1041,13 @@ fn random_operations_never_lose_a_message_nor_lease_it_twice() {
         for _ in 0..50 {
             clock.advance_ms(2_000);
             for d in db.write(|txn| txn.receive("q", 100)).unwrap() {
-                let id = u32::from_le_bytes(d.message.payload.clone().try_into().unwrap());
+                let id = u32::from_le_bytes(d.message.payload[..].try_into().unwrap());
                 db.write(|txn| txn.ack(&d.lease)).unwrap();
                 assert!(pending.remove(&id));
                 acked.insert(id);
             }
             for d in db.write(|txn| txn.receive("dlq", 100)).unwrap() {
-                let id = u32::from_le_bytes(d.message.payload.clone().try_into().unwrap());
+                let id = u32::from_le_bytes(d.message.payload[..].try_into().unwrap());
                 db.write(|txn| txn.ack(&d.lease)).unwrap();
                 assert!(pending.remove(&id));
             }
@@ -1137,7 +1144,7 @@ fn leases_granted_and_settled_in_one_transaction_behave_as_across_commits() {
         .iter()
         .map(|m| {
             (
-                String::from_utf8(m.message.payload.clone()).unwrap(),
+                String::from_utf8(m.message.payload.to_vec()).unwrap(),
                 m.state,
                 m.delivery_count,
                 m.due_ms,
@@ -1253,7 +1260,12 @@ fn browse(db: &Database, q: &str) -> Vec<(String, mqlite::EntryState)> {
     db.read(|r| r.browse_queue(q, 0, 100))
         .unwrap()
         .into_iter()
-        .map(|m| (String::from_utf8(m.message.payload).unwrap(), m.state))
+        .map(|m| {
+            (
+                String::from_utf8(m.message.payload.into_vec()).unwrap(),
+                m.state,
+            )
+        })
         .collect()
 }
 

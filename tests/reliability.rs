@@ -886,7 +886,7 @@ fn kill_9_of_a_writer_process() {
         }
         for id in &acked {
             let record = db.read(|r| r.read_topic("t", *id, 1)).unwrap();
-            if record.first().map(|r| r.message.payload.clone()) != Some(id.to_le_bytes().to_vec())
+            if record.first().map(|r| r.message.payload.to_vec()) != Some(id.to_le_bytes().to_vec())
             {
                 tally.lost += 1;
                 tally.note(format!("{what}: acked id {id} missing or wrong"));

@@ -561,7 +561,7 @@ fn random_operations_match_a_btreemap_model_across_reopens() {
                     let range = db.write(|txn| txn.publish_batch("t", &msgs)).unwrap();
                     assert_eq!(range.start, model.len() as u64, "{ctx}");
                     for (off, m) in range.zip(msgs) {
-                        model.insert(off, m.payload);
+                        model.insert(off, m.payload.into_vec());
                     }
                 }
                 Op::Read(from, max) => {
@@ -569,7 +569,11 @@ fn random_operations_match_a_btreemap_model_across_reopens() {
                     let want: Vec<_> = model.range(from..).take(max).collect();
                     assert_eq!(got.len(), want.len(), "{ctx}");
                     for (g, (off, payload)) in got.iter().zip(want) {
-                        assert_eq!((g.offset, &g.message.payload), (*off, payload), "{ctx}");
+                        assert_eq!(
+                            (g.offset, &g.message.payload[..]),
+                            (*off, &payload[..]),
+                            "{ctx}"
+                        );
                     }
                 }
                 Op::Commit(offset) => {
@@ -909,4 +913,80 @@ fn a_publish_that_meets_a_damaged_batch_while_trimming_cannot_commit() {
     });
     assert!(matches!(result, Err(Error::Corrupted { .. })), "{result:?}");
     assert_eq!(db.read(|r| r.topic_info("t")).unwrap().next_offset, 1);
+}
+
+#[test]
+fn payloads_read_together_share_their_batch_and_outlive_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::open(dir.path().join("db.mqlite")).unwrap();
+    topic(&db, "t", Retention::default());
+    db.write(|txn| txn.create_queue("q", mqlite::QueueConfig::default()))
+        .unwrap();
+    // Payloads of varied sizes (empty, small, over a kilobyte) with keys and headers between
+    // them, so that each payload's place in the batch differs from its neighbours'.
+    let messages: Vec<Message> = (0..400u32)
+        .map(|i| {
+            let mut m = Message::new(vec![(i % 251) as u8; (i as usize * 37) % 1500])
+                .with_timestamp_ms(1_000 + u64::from(i));
+            if i % 3 == 0 {
+                m = m
+                    .with_key(format!("k{i}"))
+                    .with_header("n", i.to_le_bytes());
+            }
+            m
+        })
+        .collect();
+    db.write(|txn| {
+        txn.publish_batch("t", &messages)?;
+        for m in &messages {
+            txn.enqueue("q", m)?;
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+
+    let all = db.read(|r| r.read_topic("t", 0, usize::MAX)).unwrap();
+    let some = db.read(|r| r.read_topic("t", 131, 50)).unwrap();
+    let one = db.read(|r| r.read_topic("t", 7, 1)).unwrap();
+    let received = db.write(|txn| txn.receive("q", 400)).unwrap();
+    drop(db);
+    assert_eq!(all.len(), 400);
+    for r in all.iter().chain(&some).chain(&one) {
+        assert_eq!(
+            r.message, messages[r.offset as usize],
+            "offset {}",
+            r.offset
+        );
+    }
+    assert_eq!(some.first().map(|r| r.offset), Some(131));
+    // A batch that gives a read only one message copies just that payload; every other
+    // payload shares its batch's copy.
+    let shared = |n: usize| n * 10 >= 9 * 400;
+    assert!(shared(
+        all.iter().filter(|r| r.message.payload.is_shared()).count()
+    ));
+    assert!(
+        some.iter()
+            .filter(|r| r.message.payload.is_shared())
+            .count()
+            >= 45
+    );
+    assert!(
+        !one[0].message.payload.is_shared(),
+        "a single message owns its copy"
+    );
+    assert_eq!(received.len(), 400);
+    for (d, m) in received.iter().zip(&messages) {
+        assert_eq!(d.message, *m);
+    }
+    assert!(shared(
+        received
+            .iter()
+            .filter(|d| d.message.payload.is_shared())
+            .count()
+    ));
+    // A payload detached from its batch is the same bytes, owned.
+    let detached = mqlite::Payload::from(all[399].message.payload.clone().into_vec());
+    assert!(!detached.is_shared());
+    assert_eq!(detached, messages[399].payload);
 }

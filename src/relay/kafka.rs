@@ -90,7 +90,7 @@ impl Sink for KafkaSink {
                 });
             }
             let mut record = FutureRecord::to(&m.destination)
-                .payload(&m.message.payload)
+                .payload(m.message.payload.as_slice())
                 .headers(headers)
                 .timestamp(i64::try_from(m.message.timestamp_ms).unwrap_or(i64::MAX));
             if let Some(key) = &m.message.key {

@@ -98,7 +98,7 @@ impl Sink for MqttSink {
                         topic,
                         QoS::AtLeastOnce,
                         false,
-                        m.message.payload.clone(),
+                        m.message.payload.to_vec(),
                         properties(m),
                     )
                     .await;

@@ -131,7 +131,7 @@ impl Sink for NatsSink {
             let mut acks = Vec::with_capacity(messages.len());
             for (i, m) in messages.iter().enumerate() {
                 let publish = PublishMessage::build()
-                    .payload(m.message.payload.clone().into())
+                    .payload(m.message.payload.to_vec().into())
                     .headers(headers(m))
                     .message_id(m.message.id.to_string());
                 match tokio::time::timeout(

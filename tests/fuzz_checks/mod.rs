@@ -226,7 +226,7 @@ impl Model {
                     }
                     let from = first.unwrap_or(0);
                     let seen = txn.read_topic("t", from, usize::MAX)?;
-                    let seen: Vec<&Vec<u8>> = seen.iter().map(|r| &r.message.payload).collect();
+                    let seen: Vec<&[u8]> = seen.iter().map(|r| &r.message.payload[..]).collect();
                     assert_eq!(
                         seen,
                         payloads.iter().collect::<Vec<_>>(),
@@ -310,14 +310,17 @@ impl Model {
         let Ok((records, committed, held)) = read else {
             return false;
         };
-        let topic: Vec<Vec<u8>> = records.into_iter().map(|r| r.message.payload).collect();
+        let topic: Vec<Vec<u8>> = records
+            .into_iter()
+            .map(|r| r.message.payload.into_vec())
+            .collect();
         let queue: BTreeMap<u64, (Vec<u8>, bool, u32)> = held
             .into_iter()
             .map(|m| {
                 (
                     m.sequence,
                     (
-                        m.message.payload,
+                        m.message.payload.into_vec(),
                         m.state == EntryState::InFlight,
                         m.delivery_count,
                     ),
