@@ -49,9 +49,32 @@ pub(crate) struct Writer {
 
 impl Writer {
     pub(crate) fn new(kind: Kind, capacity: usize) -> Self {
+        Writer::with_layout(kind, LAYOUT_VERSION, capacity)
+    }
+
+    /// An envelope of a kind whose layout has versions besides the first.
+    fn with_layout(kind: Kind, layout: u8, capacity: usize) -> Self {
         let mut buf = Vec::with_capacity(HEADER_BYTES + capacity);
-        buf.extend_from_slice(&[kind as u8, LAYOUT_VERSION, 0, 0, 0, 0]);
+        buf.extend_from_slice(&[kind as u8, layout, 0, 0, 0, 0]);
         Writer { buf }
+    }
+
+    /// A LEB128 varint: seven bits a byte, low bits first, the high bit set on all but the
+    /// last byte.
+    fn varint(&mut self, mut v: u64) -> &mut Self {
+        while v >= 0x80 {
+            self.buf.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.buf.push(v as u8);
+        self
+    }
+
+    /// Bytes with a varint length before them.
+    fn var_bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.varint(v.len() as u64);
+        self.buf.extend_from_slice(v);
+        self
     }
 
     pub(crate) fn u8(&mut self, v: u8) -> &mut Self {
@@ -118,6 +141,17 @@ pub(crate) struct Reader<'a> {
 impl<'a> Reader<'a> {
     /// Checks the header and checksum and returns a reader over the body.
     pub(crate) fn open(bytes: &'a [u8], kind: Kind, what: &'static str) -> Result<Self> {
+        Ok(Reader::open_layout(bytes, kind, what, LAYOUT_VERSION)?.0)
+    }
+
+    /// As [`Reader::open`], for a kind whose layouts go from 1 to `newest`; returns the
+    /// envelope's layout with the reader.
+    fn open_layout(
+        bytes: &'a [u8],
+        kind: Kind,
+        what: &'static str,
+        newest: u8,
+    ) -> Result<(Self, u8)> {
         if bytes.len() < HEADER_BYTES {
             return Err(Error::corrupted(format!(
                 "{what}: record shorter than its header"
@@ -129,7 +163,7 @@ impl<'a> Reader<'a> {
                 bytes[0]
             )));
         }
-        if bytes[1] != LAYOUT_VERSION {
+        if bytes[1] == 0 || bytes[1] > newest {
             return Err(Error::corrupted(format!(
                 "{what}: record version {}",
                 bytes[1]
@@ -140,12 +174,13 @@ impl<'a> Reader<'a> {
         if stored != actual {
             return Err(Error::corrupted(format!("{what}: checksum mismatch")));
         }
-        Ok(Reader {
+        let reader = Reader {
             body: &bytes[HEADER_BYTES..],
             what,
             offset: HEADER_BYTES,
             shared: None,
-        })
+        };
+        Ok((reader, bytes[1]))
     }
 
     /// Copies the rest of the body once, so that the payloads read from here on share that
@@ -168,6 +203,16 @@ impl<'a> Reader<'a> {
     /// [`Reader::share_rest`], a copy of its own before.
     fn payload(&mut self) -> Result<Payload> {
         let len = self.u32()? as usize;
+        self.payload_of(len)
+    }
+
+    /// A payload with a varint length before it, as [`Reader::payload`].
+    fn var_payload(&mut self) -> Result<Payload> {
+        let len = self.var_len()?;
+        self.payload_of(len)
+    }
+
+    fn payload_of(&mut self, len: usize) -> Result<Payload> {
         let start = self.offset;
         let bytes = self.take(len)?;
         let shared = self.shared.as_ref().and_then(|(buf, base)| {
@@ -202,6 +247,49 @@ impl<'a> Reader<'a> {
     pub(crate) fn bytes(&mut self) -> Result<&'a [u8]> {
         let len = self.u32()? as usize;
         self.take(len)
+    }
+
+    /// A LEB128 varint of at most ten bytes, in its shortest form (so that what decodes
+    /// re-encodes to the same bytes).
+    fn varint(&mut self) -> Result<u64> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let byte = self.u8()?;
+            let bits = u64::from(byte & 0x7f);
+            if i == 9 && bits > 1 {
+                break;
+            }
+            v |= bits << (7 * i);
+            if byte & 0x80 == 0 {
+                if byte == 0 && i > 0 {
+                    break;
+                }
+                return Ok(v);
+            }
+        }
+        Err(Error::corrupted(format!("{}: bad varint", self.what)))
+    }
+
+    /// A varint length, checked against the bytes left.
+    fn var_len(&mut self) -> Result<usize> {
+        let len = self.varint()?;
+        match usize::try_from(len) {
+            Ok(len) if len <= self.body.len() => Ok(len),
+            _ => Err(Error::corrupted(format!("{}: truncated record", self.what))),
+        }
+    }
+
+    /// Bytes with a varint length before them.
+    fn var_bytes(&mut self) -> Result<&'a [u8]> {
+        let len = self.var_len()?;
+        self.take(len)
+    }
+
+    /// UTF-8 text with a varint length before it.
+    fn var_str(&mut self) -> Result<&'a str> {
+        let what = self.what;
+        std::str::from_utf8(self.var_bytes()?)
+            .map_err(|_| Error::corrupted(format!("{what}: string is not UTF-8")))
     }
 
     pub(crate) fn string(&mut self) -> Result<String> {
@@ -323,18 +411,19 @@ pub(crate) fn read_message(r: &mut Reader<'_>) -> Result<Message> {
 /// The bytes a record batch takes besides its items: the envelope header and the count.
 const BATCH_OVERHEAD: usize = HEADER_BYTES + 4;
 /// Most items in one record batch.
-pub(crate) const BATCH_ITEMS: usize = 128;
+pub(crate) const BATCH_ITEMS: usize = 256;
 /// Most encoded bytes in one record batch (unless one item alone is larger). redb keeps a
 /// value this large alone in a leaf page rounded up to a power of two, so the batch is sized to
 /// fill a 16 KiB page with room for the leaf's header and key: a batch just over it would take
 /// a 32 KiB page, half of it empty, and every read would copy the empty half.
 const BATCH_BYTES: usize = (16 << 10) - 128;
 
-/// Splits items into record batches: up to 128 items, or as many as fit in [`BATCH_BYTES`]
-/// by `encoded_len`.
+/// Splits items into record batches: up to [`BATCH_ITEMS`] items, or as many as fit in
+/// [`BATCH_BYTES`] by `encoded_len`, which is given the item before in the same batch (`None`
+/// for a batch's first item, whose encoding may be longer).
 pub(crate) fn split_batches<T>(
     items: &[T],
-    encoded_len: impl Fn(&T) -> usize,
+    encoded_len: impl Fn(Option<&T>, &T) -> usize,
 ) -> impl Iterator<Item = &[T]> {
     let mut rest = items;
     std::iter::from_fn(move || {
@@ -344,7 +433,7 @@ pub(crate) fn split_batches<T>(
         let mut bytes = BATCH_OVERHEAD;
         let mut n = 0;
         while n < rest.len() {
-            let next = encoded_len(&rest[n]);
+            let next = encoded_len(n.checked_sub(1).map(|p| &rest[p]), &rest[n]);
             if !joins_batch(n, bytes, next) {
                 break;
             }
@@ -364,31 +453,280 @@ fn joins_batch(count: usize, bytes: usize, next: usize) -> bool {
     count == 0 || (count < BATCH_ITEMS && bytes + next <= BATCH_BYTES)
 }
 
+/// The layout of the record batches this build writes. Layout 1 (files of format 2 and older)
+/// spells out each message as [`write_message`] does; layout 2 writes it densely
+/// ([`write_dense`]). Both are read.
+const BATCH_LAYOUT: u8 = 2;
+
+/// Flags of a message in a dense record batch; any other bit set is damage.
+const DENSE_KEY: u8 = 1;
+/// The id is the previous message's plus one (the ids one producer generates in a millisecond).
+const DENSE_NEXT_ID: u8 = 2;
+/// The timestamp is the previous message's.
+const DENSE_SAME_TIME: u8 = 4;
+const DENSE_ROUTING_KEY: u8 = 8;
+const DENSE_HEADERS: u8 = 16;
+const DENSE_FLAGS: u8 =
+    DENSE_KEY | DENSE_NEXT_ID | DENSE_SAME_TIME | DENSE_ROUTING_KEY | DENSE_HEADERS;
+
+/// What a message in a dense record batch may refer to: the id and stored timestamp of the
+/// message before it in the batch.
+#[derive(Clone, Copy)]
+struct Previous {
+    id: u128,
+    timestamp_ms: u64,
+}
+
+/// The flags [`write_dense`] writes for `message`, stored with `timestamp_ms`, after `prev`.
+fn dense_flags(prev: Option<Previous>, message: &Message, timestamp_ms: u64) -> u8 {
+    let mut flags = 0;
+    if message.key.is_some() {
+        flags |= DENSE_KEY;
+    }
+    if let Some(p) = prev {
+        if p.id.checked_add(1) == Some(message.id.0) {
+            flags |= DENSE_NEXT_ID;
+        }
+        if p.timestamp_ms == timestamp_ms {
+            flags |= DENSE_SAME_TIME;
+        }
+    }
+    if !message.routing_key.is_empty() {
+        flags |= DENSE_ROUTING_KEY;
+    }
+    if !message.headers.is_empty() {
+        flags |= DENSE_HEADERS;
+    }
+    flags
+}
+
+/// Writes one message of a dense record batch: a flags byte, the id (16 bytes) unless it
+/// follows the previous one, the timestamp (8 bytes) unless it repeats the previous one, then
+/// the key, routing key and headers when present and the payload, each length a LEB128
+/// varint. A 100-byte message in a run of one producer's messages takes 102 bytes.
+fn write_dense(w: &mut Writer, prev: Option<Previous>, message: &Message, timestamp_ms: u64) {
+    let flags = dense_flags(prev, message, timestamp_ms);
+    w.u8(flags);
+    if flags & DENSE_NEXT_ID == 0 {
+        w.u128(message.id.0);
+    }
+    if flags & DENSE_SAME_TIME == 0 {
+        w.u64(timestamp_ms);
+    }
+    if let Some(key) = &message.key {
+        w.var_bytes(key);
+    }
+    if flags & DENSE_ROUTING_KEY != 0 {
+        w.var_bytes(message.routing_key.as_bytes());
+    }
+    if flags & DENSE_HEADERS != 0 {
+        w.varint(message.headers.len() as u64);
+        for (name, value) in &message.headers {
+            w.var_bytes(name.as_bytes()).var_bytes(value);
+        }
+    }
+    w.var_bytes(&message.payload);
+}
+
+/// The bytes [`write_dense`] writes.
+fn dense_len(prev: Option<Previous>, message: &Message, timestamp_ms: u64) -> usize {
+    let flags = dense_flags(prev, message, timestamp_ms);
+    let bytes = |b: &[u8]| varint_len(b.len() as u64) + b.len();
+    let mut len = 1 + bytes(&message.payload);
+    if flags & DENSE_NEXT_ID == 0 {
+        len += 16;
+    }
+    if flags & DENSE_SAME_TIME == 0 {
+        len += 8;
+    }
+    len += message.key.as_deref().map_or(0, bytes);
+    if flags & DENSE_ROUTING_KEY != 0 {
+        len += bytes(message.routing_key.as_bytes());
+    }
+    if flags & DENSE_HEADERS != 0 {
+        len += varint_len(message.headers.len() as u64);
+        for (name, value) in &message.headers {
+            len += bytes(name.as_bytes()) + bytes(value);
+        }
+    }
+    len
+}
+
+/// Reads one message of a dense record batch after `prev`, which it then becomes. With `keep`
+/// false the message is checked as a read would check it, nothing is copied, and `None` comes
+/// back. Only what [`write_dense`] writes decodes: a field spelled out where a flag would
+/// have said it, an empty routing key or header list behind its flag, or a varint longer than
+/// needed is damage, so what decodes re-encodes to the same bytes.
+fn read_dense(
+    r: &mut Reader<'_>,
+    prev: &mut Option<Previous>,
+    keep: bool,
+) -> Result<Option<Message>> {
+    let what = r.what;
+    let damaged = |detail: &str| Error::corrupted(format!("{what}: {detail}"));
+    let flags = r.u8()?;
+    if flags & !DENSE_FLAGS != 0 {
+        return Err(damaged(&format!("unknown message flags {flags}")));
+    }
+    let id = if flags & DENSE_NEXT_ID != 0 {
+        prev.and_then(|p| p.id.checked_add(1))
+            .ok_or_else(|| damaged("an id follows no message"))?
+    } else {
+        let id = r.u128()?;
+        if prev.is_some_and(|p| p.id.checked_add(1) == Some(id)) {
+            return Err(damaged("an id spelled out that follows the one before"));
+        }
+        id
+    };
+    let timestamp_ms = if flags & DENSE_SAME_TIME != 0 {
+        prev.map(|p| p.timestamp_ms)
+            .ok_or_else(|| damaged("a timestamp repeats no message"))?
+    } else {
+        let ts = r.u64()?;
+        if prev.is_some_and(|p| p.timestamp_ms == ts) {
+            return Err(damaged(
+                "a timestamp spelled out that repeats the one before",
+            ));
+        }
+        ts
+    };
+    *prev = Some(Previous { id, timestamp_ms });
+    let key = if flags & DENSE_KEY != 0 {
+        Some(r.var_bytes()?)
+    } else {
+        None
+    };
+    let routing_key = if flags & DENSE_ROUTING_KEY != 0 {
+        let text = r.var_str()?;
+        if text.is_empty() {
+            return Err(damaged("an empty routing key behind its flag"));
+        }
+        text
+    } else {
+        ""
+    };
+    let mut headers = Vec::new();
+    if flags & DENSE_HEADERS != 0 {
+        let count = r.varint()?;
+        // Each header takes at least two bytes, so a larger count is damage; checking first
+        // keeps a damaged count from reserving a huge vector.
+        if count == 0 || count > (r.remaining() / 2) as u64 {
+            return Err(damaged(&format!("header count {count}")));
+        }
+        if keep {
+            headers.reserve(count as usize);
+        }
+        for _ in 0..count {
+            let name = r.var_str()?;
+            let value = r.var_bytes()?;
+            if keep {
+                headers.push((name.to_owned(), value.to_vec()));
+            }
+        }
+    }
+    if !keep {
+        r.var_bytes()?;
+        return Ok(None);
+    }
+    Ok(Some(Message {
+        id: MessageId(id),
+        key: key.map(<[u8]>::to_vec),
+        routing_key: routing_key.to_owned(),
+        headers,
+        payload: r.var_payload()?,
+        timestamp_ms,
+    }))
+}
+
+/// The bytes of `v` as a LEB128 varint.
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// A record batch's messages, read in order by the batch's layout; each message is either
+/// taken (decoded, its payload sharing the batch's copy once [`Reader::share_rest`] ran) or
+/// skipped (checked, not copied).
+struct BatchReader<'a> {
+    r: Reader<'a>,
+    layout: u8,
+    count: usize,
+    prev: Option<Previous>,
+}
+
+impl<'a> BatchReader<'a> {
+    fn open(bytes: &'a [u8], what: &'static str) -> Result<Self> {
+        let (mut r, layout) = Reader::open_layout(bytes, Kind::Batch, what, BATCH_LAYOUT)?;
+        let count = r.u32()? as usize;
+        // A message takes at least 45 bytes in layout 1, at least 2 in layout 2.
+        let least = if layout == 1 { 45 } else { 2 };
+        if count == 0 || count > r.remaining() / least + 1 {
+            return Err(Error::corrupted(format!("{what}: batch count {count}")));
+        }
+        Ok(BatchReader {
+            r,
+            layout,
+            count,
+            prev: None,
+        })
+    }
+
+    fn take(&mut self) -> Result<Message> {
+        if self.layout == 1 {
+            return read_message(&mut self.r);
+        }
+        read_dense(&mut self.r, &mut self.prev, true)?
+            .ok_or_else(|| Error::corrupted(format!("{}: message not kept", self.r.what)))
+    }
+
+    fn skip(&mut self) -> Result<()> {
+        if self.layout == 1 {
+            return skip_message(&mut self.r);
+        }
+        read_dense(&mut self.r, &mut self.prev, false).map(|_| ())
+    }
+}
+
 /// A topic record batch filled one message at a time, for appends a transaction holds back
 /// until commit. Messages join it by the rule of [`split_batches`], so the bytes each one adds
 /// to the log are known as it is added.
 pub(crate) struct OpenBatch {
     w: Writer,
     count: u32,
+    last: Previous,
 }
 
 impl OpenBatch {
     /// A batch of one message, stamped `now_ms` when it has no timestamp, with room for
     /// `expected` encoded bytes of messages (more grow it; it never holds more than a batch).
     pub(crate) fn new(message: &Message, now_ms: u64, expected: usize) -> Self {
-        let room = expected.clamp(encoded_len(message), BATCH_BYTES - BATCH_OVERHEAD);
-        let mut w = Writer::new(Kind::Batch, 4 + room);
+        let timestamp_ms = stamp(message, now_ms);
+        let first = dense_len(None, message, timestamp_ms);
+        let room = expected.clamp(first, BATCH_BYTES - BATCH_OVERHEAD);
+        let mut w = Writer::with_layout(Kind::Batch, BATCH_LAYOUT, 4 + room);
         w.u32(1);
-        write_message_at(&mut w, message, stamp(message, now_ms));
-        OpenBatch { w, count: 1 }
+        write_dense(&mut w, None, message, timestamp_ms);
+        OpenBatch {
+            w,
+            count: 1,
+            last: Previous {
+                id: message.id.0,
+                timestamp_ms,
+            },
+        }
     }
 
     /// Adds `message` if it joins the batch; returns whether it did.
     pub(crate) fn push(&mut self, message: &Message, now_ms: u64) -> bool {
-        if !joins_batch(self.count as usize, self.len(), encoded_len(message)) {
+        let timestamp_ms = stamp(message, now_ms);
+        let next = dense_len(Some(self.last), message, timestamp_ms);
+        if !joins_batch(self.count as usize, self.len(), next) {
             return false;
         }
-        write_message_at(&mut self.w, message, stamp(message, now_ms));
+        write_dense(&mut self.w, Some(self.last), message, timestamp_ms);
+        self.last = Previous {
+            id: message.id.0,
+            timestamp_ms,
+        };
         self.count += 1;
         true
     }
@@ -438,36 +776,43 @@ pub(crate) fn encoded_len(message: &Message) -> usize {
         + message.payload.len()
 }
 
-/// Encodes consecutive topic messages into one envelope of kind `Batch` (a record batch):
-/// a u32 count, then each message body.
+/// The bytes `message` takes in a record batch after `prev` (`None`: it starts the batch),
+/// with the timestamp it has: the sizes [`split_batches`] cuts stored messages by.
+pub(crate) fn batch_item_len(prev: Option<&Message>, message: &Message) -> usize {
+    let prev = prev.map(|p| Previous {
+        id: p.id.0,
+        timestamp_ms: p.timestamp_ms,
+    });
+    dense_len(prev, message, message.timestamp_ms)
+}
+
+/// Encodes consecutive topic messages, with the timestamps they have, into one envelope of
+/// kind `Batch` (a record batch): a u32 count, then each message densely.
 pub(crate) fn encode_batch<'m>(
     messages: impl ExactSizeIterator<Item = &'m Message> + Clone,
 ) -> Vec<u8> {
-    let size: u64 = messages.clone().map(|m| m.size_bytes() + 48).sum();
-    let mut w = Writer::new(Kind::Batch, usize::try_from(size).unwrap_or(0) + 4);
+    let size: u64 = messages.clone().map(|m| m.size_bytes() + 32).sum();
+    let mut w = Writer::with_layout(
+        Kind::Batch,
+        BATCH_LAYOUT,
+        usize::try_from(size).unwrap_or(0) + 4,
+    );
     w.u32(messages.len() as u32);
+    let mut prev = None;
     for m in messages {
-        write_message(&mut w, m);
+        write_dense(&mut w, prev, m, m.timestamp_ms);
+        prev = Some(Previous {
+            id: m.id.0,
+            timestamp_ms: m.timestamp_ms,
+        });
     }
     w.finish()
 }
 
-/// Decodes a record batch.
+/// Decodes a record batch of either layout.
 pub(crate) fn decode_batch(bytes: &[u8], what: &'static str) -> Result<Vec<Message>> {
-    let mut r = Reader::open(bytes, Kind::Batch, what)?;
-    let count = r.u32()?;
-    // Every message body takes at least 45 bytes.
-    if count as usize > r.remaining() / 45 + 1 {
-        return Err(Error::corrupted(format!("{what}: batch count {count}")));
-    }
-    let mut out = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        out.push(read_message(&mut r)?);
-    }
-    r.finish()?;
-    if out.is_empty() {
-        return Err(Error::corrupted(format!("{what}: empty batch")));
-    }
+    let mut out = Vec::new();
+    decode_batch_part(bytes, what, 0, usize::MAX, |_, m| out.push(m))?;
     Ok(out)
 }
 
@@ -482,23 +827,20 @@ pub(crate) fn decode_batch_part(
     max: usize,
     mut take: impl FnMut(usize, Message),
 ) -> Result<usize> {
-    let mut r = Reader::open(bytes, Kind::Batch, what)?;
-    let count = r.u32()? as usize;
-    if count == 0 || count > r.remaining() / 45 + 1 {
-        return Err(Error::corrupted(format!("{what}: batch count {count}")));
-    }
+    let mut b = BatchReader::open(bytes, what)?;
+    let count = b.count;
     for _ in 0..skip.min(count) {
-        skip_message(&mut r)?;
+        b.skip()?;
     }
     let wanted = count.saturating_sub(skip).min(max);
     if wanted > 1 {
-        r.share_rest();
+        b.r.share_rest();
     }
     for i in 0..wanted {
-        take(skip + i, read_message(&mut r)?);
+        take(skip + i, b.take()?);
     }
     if skip + wanted == count {
-        r.finish()?;
+        b.r.finish()?;
     }
     Ok(count)
 }
@@ -539,8 +881,21 @@ fn skip_message(r: &mut Reader<'_>) -> Result<()> {
 
 /// The number of messages in a record batch, checksum verified.
 pub(crate) fn batch_len(bytes: &[u8], what: &'static str) -> Result<u64> {
-    let mut r = Reader::open(bytes, Kind::Batch, what)?;
-    Ok(u64::from(r.u32()?))
+    Ok(BatchReader::open(bytes, what)?.count as u64)
+}
+
+/// Decodes arbitrary bytes as a record batch; for fuzzing the batch decoder from outside the
+/// crate. Never panics.
+#[doc(hidden)]
+pub fn fuzz_decode_batch(bytes: &[u8]) -> Result<Vec<Message>> {
+    decode_batch(bytes, "fuzz")
+}
+
+/// Encodes messages as one record batch, with their timestamps as they are; the inverse of
+/// [`fuzz_decode_batch`] for batches of the current layout.
+#[doc(hidden)]
+pub fn fuzz_encode_batch(messages: &[Message]) -> Vec<u8> {
+    encode_batch(messages.iter())
 }
 
 /// Decodes an envelope of kind `Message`.
@@ -1177,5 +1532,232 @@ mod tests {
             decode_message(&encode_message(&m), "t").unwrap().key,
             Some(Vec::new())
         );
+    }
+
+    /// Messages that use every flag of the dense layout and every way of not using it.
+    fn dense_run() -> Vec<Message> {
+        let base = MessageId(0x00ff_ffff_ffff_ffff_ffff_ffff_ffff_fff0);
+        (0..40u32)
+            .map(|i| {
+                let mut m = Message::new(vec![i as u8; (i as usize * 29) % 300])
+                    .with_id(MessageId(base.0 + u128::from(i / 3 * 4 + i % 3)))
+                    .with_timestamp_ms(1_000 + u64::from(i / 4));
+                if i.is_multiple_of(5) {
+                    m = m.with_key(if i.is_multiple_of(10) {
+                        Vec::new()
+                    } else {
+                        vec![b'k'; 200]
+                    });
+                }
+                if i.is_multiple_of(6) {
+                    m = m.with_routing_key("a.b");
+                }
+                if i.is_multiple_of(7) {
+                    m = m.with_header("h", vec![b'v'; 150]).with_header("e", "");
+                }
+                m
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_dense_batch_round_trips_and_its_sizes_are_what_encoding_writes() {
+        let run = dense_run();
+        let bytes = encode_batch(run.iter());
+        assert_eq!(bytes[1], BATCH_LAYOUT);
+        assert_eq!(decode_batch(&bytes, "t").unwrap(), run);
+        let sizes: usize = (0..run.len())
+            .map(|i| batch_item_len(i.checked_sub(1).map(|p| &run[p]), &run[i]))
+            .sum();
+        assert_eq!(bytes.len(), BATCH_OVERHEAD + sizes);
+        // Built a message at a time, the batch is the same bytes.
+        let mut open = OpenBatch::new(&run[0], 0, 0);
+        for m in &run[1..] {
+            assert!(open.push(m, 0));
+        }
+        assert_eq!(open.finish(), bytes);
+        // Every start and end inside the batch decodes just that part.
+        for skip in [0, 1, 2, 17, 39] {
+            let mut got = Vec::new();
+            let count = decode_batch_part(&bytes, "t", skip, 5, |i, m| got.push((i, m))).unwrap();
+            assert_eq!(count, run.len());
+            let want: Vec<_> = run.iter().cloned().enumerate().skip(skip).take(5).collect();
+            assert_eq!(got, want, "skip {skip}");
+        }
+    }
+
+    #[test]
+    fn golden_bytes_of_a_dense_batch() {
+        let a = Message::new("p").with_id(MessageId(7)).with_timestamp_ms(9);
+        let b = Message::new("q")
+            .with_id(MessageId(8))
+            .with_timestamp_ms(9)
+            .with_key("k");
+        let bytes = encode_batch([a.clone(), b.clone()].iter());
+        let expected: Vec<u8> = [
+            &[7u8, 2][..], // kind batch, layout 2
+            &bytes[2..6],  // crc
+            &[2, 0, 0, 0], // two messages
+            &[0],          // flags: none
+            &7u128.to_le_bytes(),
+            &9u64.to_le_bytes(),
+            &[1, b'p'], // payload
+            &[7],       // flags: key, next id, same time
+            &[1, b'k'], // key
+            &[1, b'q'], // payload
+        ]
+        .concat();
+        assert_eq!(bytes, expected);
+        assert_eq!(decode_batch(&bytes, "t").unwrap(), [a, b]);
+    }
+
+    #[test]
+    fn a_run_of_one_producers_messages_takes_two_bytes_each_besides_the_payload() {
+        let first = Message::new(vec![7; 100]).with_timestamp_ms(5);
+        let run: Vec<Message> = (0..100u128)
+            .map(|i| first.clone().with_id(MessageId(first.id.0 + i)))
+            .collect();
+        let bytes = encode_batch(run.iter());
+        assert_eq!(
+            bytes.len(),
+            BATCH_OVERHEAD + (1 + 16 + 8 + 1 + 100) + 99 * 102
+        );
+    }
+
+    #[test]
+    fn a_layout_1_batch_still_decodes() {
+        let run = dense_run();
+        let mut w = Writer::new(Kind::Batch, 0);
+        w.u32(run.len() as u32);
+        for m in &run {
+            write_message(&mut w, m);
+        }
+        let bytes = w.finish();
+        assert_eq!(bytes[1], 1);
+        assert_eq!(decode_batch(&bytes, "t").unwrap(), run);
+        assert_eq!(batch_len(&bytes, "t").unwrap(), run.len() as u64);
+        let mut got = Vec::new();
+        decode_batch_part(&bytes, "t", 38, 9, |i, m| got.push((i, m))).unwrap();
+        assert_eq!(got, vec![(38, run[38].clone()), (39, run[39].clone())]);
+    }
+
+    #[test]
+    fn only_the_canonical_dense_bytes_decode() {
+        let enc = |flags: u8, tail: &[u8]| {
+            let mut w = Writer::with_layout(Kind::Batch, BATCH_LAYOUT, 0);
+            w.u32(2);
+            w.u8(0).u128(7).u64(9).var_bytes(b"p");
+            w.u8(flags);
+            w.buf.extend_from_slice(tail);
+            w.finish()
+        };
+        let ok = enc(DENSE_NEXT_ID | DENSE_SAME_TIME, &[1, b'q']);
+        let got = decode_batch(&ok, "t").unwrap();
+        assert_eq!((got[1].id, got[1].timestamp_ms), (MessageId(8), 9));
+        assert_eq!(encode_batch(got.iter()), ok, "re-encodes to itself");
+        let refused = [
+            (
+                "id spelled out",
+                enc(
+                    DENSE_SAME_TIME,
+                    &[8u128.to_le_bytes().as_slice(), &[1, b'q']].concat(),
+                ),
+            ),
+            (
+                "time spelled out",
+                enc(
+                    DENSE_NEXT_ID,
+                    &[9u64.to_le_bytes().as_slice(), &[1, b'q']].concat(),
+                ),
+            ),
+            (
+                "long varint",
+                enc(DENSE_NEXT_ID | DENSE_SAME_TIME, &[0x81, 0, b'q']),
+            ),
+            (
+                "empty routing key",
+                enc(
+                    DENSE_NEXT_ID | DENSE_SAME_TIME | DENSE_ROUTING_KEY,
+                    &[0, 1, b'q'],
+                ),
+            ),
+            (
+                "no headers",
+                enc(
+                    DENSE_NEXT_ID | DENSE_SAME_TIME | DENSE_HEADERS,
+                    &[0, 1, b'q'],
+                ),
+            ),
+            (
+                "unknown flag",
+                enc(0x20 | DENSE_NEXT_ID | DENSE_SAME_TIME, &[1, b'q']),
+            ),
+            (
+                "trailing byte",
+                enc(DENSE_NEXT_ID | DENSE_SAME_TIME, &[1, b'q', 0]),
+            ),
+            (
+                "past the end",
+                enc(DENSE_NEXT_ID | DENSE_SAME_TIME, &[5, b'q']),
+            ),
+            (
+                "eleven-byte varint",
+                enc(DENSE_NEXT_ID | DENSE_SAME_TIME, &[0xff; 11]),
+            ),
+        ];
+        for (what, bytes) in refused {
+            assert!(
+                matches!(decode_batch(&bytes, "t"), Err(Error::Corrupted { .. })),
+                "{what}"
+            );
+        }
+        let mut first = Writer::with_layout(Kind::Batch, BATCH_LAYOUT, 0);
+        first.u32(1).u8(DENSE_NEXT_ID).u64(9).var_bytes(b"p");
+        assert!(
+            decode_batch(&first.finish(), "t").is_err(),
+            "the first id follows nothing"
+        );
+    }
+
+    #[test]
+    fn every_truncation_and_every_bit_flip_of_a_dense_batch_is_rejected() {
+        let bytes = encode_batch(dense_run()[..6].iter());
+        for len in 0..bytes.len() {
+            assert!(
+                decode_batch(&bytes[..len], "t").is_err(),
+                "truncated to {len}"
+            );
+        }
+        for bit in 0..bytes.len() * 8 {
+            let mut flipped = bytes.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                matches!(decode_batch(&flipped, "t"), Err(Error::Corrupted { .. })),
+                "bit {bit}"
+            );
+        }
+    }
+
+    #[test]
+    fn varints_take_their_shortest_form() {
+        for v in [
+            0,
+            1,
+            127,
+            128,
+            300,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut w = Writer::new(Kind::Message, 0);
+            w.varint(v);
+            let bytes = w.finish();
+            assert_eq!(bytes.len() - HEADER_BYTES, varint_len(v), "{v}");
+            let mut r = Reader::open(&bytes, Kind::Message, "t").unwrap();
+            assert_eq!(r.varint().unwrap(), v);
+            r.finish().unwrap();
+        }
     }
 }

@@ -474,7 +474,9 @@ fn init_schema(db: &redb::Database) -> Result<()> {
 }
 
 /// Brings a file of an older format (checked by [`check_format`]) to [`FORMAT_VERSION`]: format
-/// 1 lacks the FIFO lane's table. Older builds then refuse the file rather than miss the lane.
+/// 1 lacks the FIFO lane's table; formats 1 and 2 hold record batches of layout 1 only, which
+/// stay as they are (both layouts are read). Older builds then refuse the file rather than
+/// miss the lane or meet a dense batch.
 fn upgrade_format(db: &redb::Database) -> Result<()> {
     let found = {
         let txn = db.begin_read()?;

@@ -8,8 +8,11 @@
 use redb::TableDefinition;
 
 /// The on-disk format this build writes and the newest it reads. Format 1 had no FIFO lane
-/// (`mqlite_queue_fifo`); a writable open upgrades it to 2 by creating that table.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+/// (`mqlite_queue_fifo`); format 2 wrote topic record batches only in layout 1. Format 3
+/// writes them in the dense layout 2 and reads both, so a writable open upgrades an older file
+/// by creating the lane's table if it is missing and setting the version: a build of an older
+/// format then refuses the file rather than meet batches it cannot read.
+pub(crate) const FORMAT_VERSION: u32 = 3;
 
 /// The prefix of every table mqlite owns.
 pub(crate) const RESERVED_PREFIX: &str = "mqlite_";

@@ -761,7 +761,7 @@ pub(crate) fn restore_records(
     let mut time = txn.table(LOG_TIME)?;
     let mut base = first;
     let mut last_ms = 0;
-    for chunk in codec::split_batches(messages, codec::encoded_len) {
+    for chunk in codec::split_batches(messages, codec::batch_item_len) {
         for (i, message) in chunk.iter().enumerate() {
             check_message(message, &limits)?;
             // The time index maps each append time to its first offset; it must stay sorted

@@ -252,7 +252,7 @@ fn manage_publish_tail_receive_and_settle() {
     assert_eq!(rest[0]["offset"], 2);
 
     let info = json(&["info", f]);
-    assert_eq!(info["format_version"], 2);
+    assert_eq!(info["format_version"], 3);
     assert_eq!(info["topics"][0]["groups"][0]["lag"], 0);
     let jobs = info["queues"]
         .as_array()

@@ -1446,7 +1446,7 @@ fn a_format_1_file_is_read_and_upgraded() {
     assert_eq!(held.len(), 3);
     drop(old);
     let db = Database::open(&path).unwrap();
-    assert_eq!(db.read(|r| r.format_version()).unwrap(), 2);
+    assert_eq!(db.read(|r| r.format_version()).unwrap(), 3);
     verify_clean(&db);
     enqueue(&db, "q", "new");
     let got = db.write(|txn| txn.receive("q", 10)).unwrap();

@@ -387,7 +387,7 @@ fn bad_files_are_refused_and_left_byte_identical() {
             e,
             Error::FormatTooNew {
                 found: 99,
-                supported: 2
+                supported: 3
             }
         )
     });
@@ -716,12 +716,14 @@ fn retention_and_reads_work_inside_record_batches() {
             assert_eq!(r.message.payload, (r.offset as u32).to_le_bytes());
         }
     }
-    // A byte bound drops whole batches, oldest first.
+    // A byte bound drops whole batches, oldest first: one byte under what is stored drops
+    // the oldest batch.
+    let stored_bytes = info.stored_bytes;
     db.write(|txn| {
         txn.configure_topic(
             "t",
             TopicConfig::default().retention(Retention {
-                max_bytes: Some(4_000),
+                max_bytes: Some(stored_bytes - 1),
                 ..Default::default()
             }),
         )
@@ -729,7 +731,7 @@ fn retention_and_reads_work_inside_record_batches() {
     .unwrap();
     db.enforce_retention().unwrap();
     let info = db.read(|r| r.topic_info("t")).unwrap();
-    assert!(info.stored_bytes <= 4_000, "{info:?}");
+    assert!(info.stored_bytes < stored_bytes, "{info:?}");
     assert!(
         info.first_offset > 50 && info.first_offset < 300,
         "{info:?}"
@@ -928,7 +930,7 @@ fn payloads_read_together_share_their_batch_and_outlive_the_database() {
         .map(|i| {
             let mut m = Message::new(vec![(i % 251) as u8; (i as usize * 37) % 1500])
                 .with_timestamp_ms(1_000 + u64::from(i));
-            if i % 3 == 0 {
+            if i.is_multiple_of(3) {
                 m = m
                     .with_key(format!("k{i}"))
                     .with_header("n", i.to_le_bytes());
@@ -989,4 +991,80 @@ fn payloads_read_together_share_their_batch_and_outlive_the_database() {
     let detached = mqlite::Payload::from(all[399].message.payload.clone().into_vec());
     assert!(!detached.is_shared());
     assert_eq!(detached, messages[399].payload);
+}
+
+/// A message of `tests/data/format2.mqlite`, as the format-2 build that wrote the file made
+/// it: offsets 0..150 one batched publish, 150..153 single publishes in commits of their own;
+/// 200..205 enqueued to queue `q`; group `g` committed at 42.
+fn format2_message(i: u64) -> Message {
+    let mut m = Message::new(format!("message {i}"))
+        .with_id(MessageId(0x0123_4567_89ab_cdef_0000 + u128::from(i)))
+        .with_timestamp_ms(1_764_000_000_000 + i / 10);
+    if i.is_multiple_of(7) {
+        m = m.with_key(format!("key {i}"));
+    }
+    if i.is_multiple_of(11) {
+        m = m.with_header("n", i.to_le_bytes());
+    }
+    if i.is_multiple_of(13) {
+        m = m.with_routing_key("orders.eu");
+    }
+    m
+}
+
+#[test]
+fn a_format_2_file_is_read_and_upgraded_and_its_batches_read_beside_dense_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.mqlite");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/format2.mqlite"),
+        &path,
+    )
+    .unwrap();
+    let stored: Vec<Message> = (0..153).map(format2_message).collect();
+    let read_log = |r: &mqlite::ReadTransaction| -> mqlite::Result<Vec<Message>> {
+        let records = r.read_topic("log", 0, usize::MAX)?;
+        for (i, record) in records.iter().enumerate() {
+            assert_eq!(record.offset, i as u64);
+        }
+        Ok(records.into_iter().map(|r| r.message).collect())
+    };
+
+    let old = Database::builder().open_read_only(&path).unwrap();
+    let snapshot = old.begin_read().unwrap();
+    assert_eq!(snapshot.format_version().unwrap(), 2);
+    assert_eq!(read_log(&snapshot).unwrap(), stored);
+    assert_eq!(snapshot.group_info("log", "g").unwrap().committed, 42);
+    drop(snapshot);
+    drop(old);
+
+    let db = Database::open(&path).unwrap();
+    assert_eq!(db.read(|r| r.format_version()).unwrap(), 3);
+    let report = db.verify(|_| {}).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    // New publishes go into dense batches after the old ones; one read crosses both.
+    let added: Vec<Message> = (1_000..1_300).map(format2_message).collect();
+    db.write(|txn| txn.publish_batch("log", &added)).unwrap();
+    db.write(|txn| txn.publish("log", &format2_message(2_000)))
+        .unwrap();
+    let mut all = stored.clone();
+    all.extend(added);
+    all.push(format2_message(2_000));
+    assert_eq!(db.read(read_log).unwrap(), all);
+    let across = db.read(|r| r.read_topic("log", 140, 30)).unwrap();
+    assert_eq!(across.len(), 30);
+    for r in &across {
+        assert_eq!(r.message, all[r.offset as usize]);
+    }
+    let jobs = db.write(|txn| txn.receive("q", 10)).unwrap();
+    let want: Vec<Message> = (200..205).map(format2_message).collect();
+    assert_eq!(
+        jobs.iter().map(|d| d.message.clone()).collect::<Vec<_>>(),
+        want
+    );
+    let report = db.verify(|_| {}).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    drop(db);
+    let again = Database::builder().open_read_only(&path).unwrap();
+    assert_eq!(again.begin_read().unwrap().format_version().unwrap(), 3);
 }

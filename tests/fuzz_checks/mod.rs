@@ -13,10 +13,20 @@ use std::sync::{Arc, Mutex};
 use mqlite::redb::StorageBackend;
 use mqlite::{Database, EntryState, Lease, ManualClock, Message, Nack, QueueConfig, TopicConfig};
 
-/// Decoding arbitrary bytes as an envelope never panics; what decodes re-encodes to itself.
+/// Decoding arbitrary bytes as a message envelope or a record batch never panics; what
+/// decodes re-encodes to itself (a batch of the older layout 1 re-encodes in the current
+/// layout, to the same messages).
 pub fn envelope(data: &[u8]) {
     if let Ok(message) = mqlite::fuzz_decode_message(data) {
         assert_eq!(mqlite::fuzz_encode_message(&message), data);
+    }
+    if let Ok(messages) = mqlite::fuzz_decode_batch(data) {
+        let encoded = mqlite::fuzz_encode_batch(&messages);
+        if data[1] == 1 {
+            assert_eq!(mqlite::fuzz_decode_batch(&encoded).ok(), Some(messages));
+        } else {
+            assert_eq!(encoded, data);
+        }
     }
 }
 
