@@ -3,6 +3,8 @@
 //! and mqlite. Prints a table and writes `target/bench/results.json`.
 //!
 //! `cargo bench --bench peers` (about 4 minutes) or `cargo bench --bench peers -- --quick`.
+//! Run by `cargo test --all-targets` it makes a smoke run with tiny sizes (figures without
+//! meaning, written to `target/bench/smoke-results.json`).
 //!
 //! Workloads W1 to W9 as issue #5 names them. The machines are shared and noisy: compare rows
 //! of the same run, never absolute numbers across runs. The systems of each write ratio (W1
@@ -619,12 +621,31 @@ fn main() {
         w8_child(Path::new(&args[i + 2]), n);
         return;
     }
-    let quick = std::env::args().any(|a| a == "--quick");
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/tmp");
+    // `cargo bench` passes `--bench`; without it the binary was started by `cargo test
+    // --all-targets`, and a smoke run with tiny sizes checks that every workload still runs
+    // (its figures mean nothing and go to a file of their own).
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let quick = smoke || std::env::args().any(|a| a == "--quick");
+    let scale = |quick_n: u64, full_n: u64| match (smoke, quick) {
+        (true, _) => quick_n / 50,
+        (false, true) => quick_n,
+        (false, false) => full_n,
+    };
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(if smoke {
+        "target/bench/smoke-tmp"
+    } else {
+        "target/bench/tmp"
+    });
     std::fs::create_dir_all(&dir).expect("bench dir");
     let mut b = Bench {
         dir,
-        secs: if quick { 1.0 } else { 3.0 },
+        secs: if smoke {
+            0.06
+        } else if quick {
+            1.0
+        } else {
+            3.0
+        },
         rows: Vec::new(),
     };
     println!(
@@ -633,8 +654,8 @@ fn main() {
     );
     let [fsync1, m1, m2, s2] = w1_w2(&mut b);
     let [fsync1000, m3, s3] = w3(&mut b);
-    let [m4, s4, m5, s5] = w4_w5(&mut b, if quick { 50_000 } else { 200_000 });
-    let rounds = if quick { 100 } else { 300 };
+    let [m4, s4, m5, s5] = w4_w5(&mut b, scale(50_000, 200_000));
+    let rounds = scale(100, 300).max(10) as usize;
     let (d50, d99, sync50) = w6(&mut b, mqlite::Durability::Immediate, rounds);
     let (r50, r99, _) = w6(&mut b, mqlite::Durability::Relaxed, rounds);
     b.push("W6", "mqlite", d50, "us", "wake-up p50, durable publish");
@@ -648,7 +669,7 @@ fn main() {
         "us",
         "p50 of one append + fdatasync, same rounds",
     );
-    let stored = if quick { 1_000_000 } else { 10_000_000 };
+    let stored = scale(1_000_000, 10_000_000);
     let (empty, full) = w7(&mut b, stored);
     b.push(
         "W7",
@@ -672,7 +693,7 @@ fn main() {
         "MiB",
         &format!("peak RSS publishing {stored}, default settings"),
     );
-    let (live, half, end) = w9(&mut b, if quick { 300 } else { 2_000 });
+    let (live, half, end) = w9(&mut b, scale(300, 2_000).max(10) as u32);
     b.push(
         "W9",
         "mqlite",
@@ -730,7 +751,14 @@ fn main() {
             )
         })
         .collect();
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/results.json");
+    let name = if smoke {
+        "smoke-results.json"
+    } else {
+        "results.json"
+    };
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/bench")
+        .join(name);
     std::fs::write(&out, format!("[\n  {}\n]\n", json.join(",\n  "))).expect("results");
     println!("\nwrote {}", out.display());
     let _ = std::fs::remove_dir_all(&b.dir);
