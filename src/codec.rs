@@ -891,6 +891,15 @@ pub fn fuzz_decode_batch(bytes: &[u8]) -> Result<Vec<Message>> {
     decode_batch(bytes, "fuzz")
 }
 
+/// `body` as a record batch of `layout` (1 or 2) with a correct checksum, so that fuzzing
+/// reaches the batch decoder past the checksum.
+#[doc(hidden)]
+pub fn fuzz_seal_batch(layout: u8, body: &[u8]) -> Vec<u8> {
+    let mut w = Writer::with_layout(Kind::Batch, layout, body.len());
+    w.buf.extend_from_slice(body);
+    w.finish()
+}
+
 /// Encodes messages as one record batch, with their timestamps as they are; the inverse of
 /// [`fuzz_decode_batch`] for batches of the current layout.
 #[doc(hidden)]

@@ -91,4 +91,6 @@ pub use txn::{ReadTransaction, WriteTransaction};
 pub use worker::WorkerHandle;
 
 #[doc(hidden)]
-pub use codec::{fuzz_decode_batch, fuzz_decode_message, fuzz_encode_batch, fuzz_encode_message};
+pub use codec::{
+    fuzz_decode_batch, fuzz_decode_message, fuzz_encode_batch, fuzz_encode_message, fuzz_seal_batch,
+};
