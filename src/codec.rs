@@ -1504,23 +1504,24 @@ mod tests {
         assert_eq!(decode_message(&bytes, "test").unwrap(), sample());
     }
 
-    #[test]
-    fn every_truncation_and_every_bit_flip_is_rejected() {
-        let bytes = encode_message(&sample());
+    /// Every truncation of `bytes` fails to decode, and every single bit flip is `Corrupted`.
+    fn assert_every_damage_refused<T>(bytes: &[u8], decode: impl Fn(&[u8]) -> Result<T>) {
         for len in 0..bytes.len() {
-            assert!(
-                decode_message(&bytes[..len], "t").is_err(),
-                "truncated to {len}"
-            );
+            assert!(decode(&bytes[..len]).is_err(), "truncated to {len}");
         }
         for bit in 0..bytes.len() * 8 {
-            let mut flipped = bytes.clone();
+            let mut flipped = bytes.to_vec();
             flipped[bit / 8] ^= 1 << (bit % 8);
             assert!(
-                matches!(decode_message(&flipped, "t"), Err(Error::Corrupted { .. })),
+                matches!(decode(&flipped), Err(Error::Corrupted { .. })),
                 "bit {bit}"
             );
         }
+    }
+
+    #[test]
+    fn every_truncation_and_every_bit_flip_is_rejected() {
+        assert_every_damage_refused(&encode_message(&sample()), |b| decode_message(b, "t"));
     }
 
     #[test]
@@ -1731,20 +1732,7 @@ mod tests {
     #[test]
     fn every_truncation_and_every_bit_flip_of_a_dense_batch_is_rejected() {
         let bytes = encode_batch(dense_run()[..6].iter());
-        for len in 0..bytes.len() {
-            assert!(
-                decode_batch(&bytes[..len], "t").is_err(),
-                "truncated to {len}"
-            );
-        }
-        for bit in 0..bytes.len() * 8 {
-            let mut flipped = bytes.clone();
-            flipped[bit / 8] ^= 1 << (bit % 8);
-            assert!(
-                matches!(decode_batch(&flipped, "t"), Err(Error::Corrupted { .. })),
-                "bit {bit}"
-            );
-        }
+        assert_every_damage_refused(&bytes, |b| decode_batch(b, "t"));
     }
 
     #[test]
