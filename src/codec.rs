@@ -348,10 +348,6 @@ pub(crate) fn encode_message(message: &Message) -> Vec<u8> {
 
 /// Writes a message's fields into an envelope of any kind that embeds one.
 pub(crate) fn write_message(w: &mut Writer, message: &Message) {
-    write_message_at(w, message, message.timestamp_ms);
-}
-
-fn write_message_at(w: &mut Writer, message: &Message, timestamp_ms: u64) {
     let flags = if message.key.is_some() {
         FLAG_HAS_KEY
     } else {
@@ -359,7 +355,7 @@ fn write_message_at(w: &mut Writer, message: &Message, timestamp_ms: u64) {
     };
     w.u8(flags)
         .u128(message.id.0)
-        .u64(timestamp_ms)
+        .u64(message.timestamp_ms)
         .bytes(message.key.as_deref().unwrap_or_default())
         .bytes(message.routing_key.as_bytes())
         .u32(message.headers.len() as u32);
@@ -477,6 +473,15 @@ struct Previous {
     timestamp_ms: u64,
 }
 
+impl Previous {
+    fn of(message: &Message, timestamp_ms: u64) -> Self {
+        Previous {
+            id: message.id.0,
+            timestamp_ms,
+        }
+    }
+}
+
 /// The flags [`write_dense`] writes for `message`, stored with `timestamp_ms`, after `prev`.
 fn dense_flags(prev: Option<Previous>, message: &Message, timestamp_ms: u64) -> u8 {
     let mut flags = 0;
@@ -503,8 +508,14 @@ fn dense_flags(prev: Option<Previous>, message: &Message, timestamp_ms: u64) -> 
 /// Writes one message of a dense record batch: a flags byte, the id (16 bytes) unless it
 /// follows the previous one, the timestamp (8 bytes) unless it repeats the previous one, then
 /// the key, routing key and headers when present and the payload, each length a LEB128
-/// varint. A 100-byte message in a run of one producer's messages takes 102 bytes.
-fn write_dense(w: &mut Writer, prev: Option<Previous>, message: &Message, timestamp_ms: u64) {
+/// varint. A 100-byte message in a run of one producer's messages takes 102 bytes. Returns
+/// what the next message may refer to.
+fn write_dense(
+    w: &mut Writer,
+    prev: Option<Previous>,
+    message: &Message,
+    timestamp_ms: u64,
+) -> Previous {
     let flags = dense_flags(prev, message, timestamp_ms);
     w.u8(flags);
     if flags & DENSE_NEXT_ID == 0 {
@@ -526,6 +537,7 @@ fn write_dense(w: &mut Writer, prev: Option<Previous>, message: &Message, timest
         }
     }
     w.var_bytes(&message.payload);
+    Previous::of(message, timestamp_ms)
 }
 
 /// The bytes [`write_dense`] writes.
@@ -704,15 +716,8 @@ impl OpenBatch {
         let room = expected.clamp(first, BATCH_BYTES - BATCH_OVERHEAD);
         let mut w = Writer::with_layout(Kind::Batch, BATCH_LAYOUT, 4 + room);
         w.u32(1);
-        write_dense(&mut w, None, message, timestamp_ms);
-        OpenBatch {
-            w,
-            count: 1,
-            last: Previous {
-                id: message.id.0,
-                timestamp_ms,
-            },
-        }
+        let last = write_dense(&mut w, None, message, timestamp_ms);
+        OpenBatch { w, count: 1, last }
     }
 
     /// Adds `message` if it joins the batch; returns whether it did.
@@ -722,11 +727,7 @@ impl OpenBatch {
         if !joins_batch(self.count as usize, self.len(), next) {
             return false;
         }
-        write_dense(&mut self.w, Some(self.last), message, timestamp_ms);
-        self.last = Previous {
-            id: message.id.0,
-            timestamp_ms,
-        };
+        self.last = write_dense(&mut self.w, Some(self.last), message, timestamp_ms);
         self.count += 1;
         true
     }
@@ -779,10 +780,7 @@ pub(crate) fn encoded_len(message: &Message) -> usize {
 /// The bytes `message` takes in a record batch after `prev` (`None`: it starts the batch),
 /// with the timestamp it has: the sizes [`split_batches`] cuts stored messages by.
 pub(crate) fn batch_item_len(prev: Option<&Message>, message: &Message) -> usize {
-    let prev = prev.map(|p| Previous {
-        id: p.id.0,
-        timestamp_ms: p.timestamp_ms,
-    });
+    let prev = prev.map(|p| Previous::of(p, p.timestamp_ms));
     dense_len(prev, message, message.timestamp_ms)
 }
 
@@ -800,11 +798,7 @@ pub(crate) fn encode_batch<'m>(
     w.u32(messages.len() as u32);
     let mut prev = None;
     for m in messages {
-        write_dense(&mut w, prev, m, m.timestamp_ms);
-        prev = Some(Previous {
-            id: m.id.0,
-            timestamp_ms: m.timestamp_ms,
-        });
+        prev = Some(write_dense(&mut w, prev, m, m.timestamp_ms));
     }
     w.finish()
 }
