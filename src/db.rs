@@ -17,8 +17,9 @@ use crate::codec;
 use crate::commit::GroupCommit;
 use crate::error::{Error, Result, open_error};
 use crate::inspect::Counters;
+use crate::journal::{self, Journal};
 use crate::schema::{self, FORMAT_VERSION, META, META_FORMAT, META_NEXT_ID};
-use crate::store::{Reopen, SharedBackend, Store};
+use crate::store::{Reopen, Storage, Store};
 use crate::topic::{RETENTION_BATCH, RetentionReport, trim};
 use crate::txn::{ReadTransaction, WriteTransaction};
 
@@ -105,6 +106,9 @@ pub struct Builder {
     create_hook: Option<CreateHook>,
     /// `None`: on in the `ExclusiveWriter` mode.
     verify_on_open: Option<bool>,
+    /// `None`: on in the `ExclusiveWriter` mode.
+    journal: Option<bool>,
+    journal_bytes: u64,
 }
 
 impl Default for Builder {
@@ -118,6 +122,8 @@ impl Default for Builder {
             concurrency: redb::ConcurrencyMode::ExclusiveWriter,
             create_hook: None,
             verify_on_open: None,
+            journal: None,
+            journal_bytes: journal::DEFAULT_JOURNAL_BYTES,
         }
     }
 }
@@ -212,6 +218,104 @@ impl Builder {
         self
     }
 
+    /// Whether a file this builder creates gets a write-ahead journal: a 4 MiB region at the
+    /// front of the file where each durable commit is appended as one sequential write and one
+    /// fsync, instead of redb writing its pages in their places (about eight scattered pages
+    /// for a one-message commit) before its fsync. The pages are copied to their places later,
+    /// many commits at a time (a *checkpoint*: when the region is full, at close, and when the
+    /// file is next opened after a crash). Measured on this project's machines: a one-message
+    /// durable commit takes about half the time. The file grows by the 4 MiB region.
+    ///
+    /// Default **on** in the default `ExclusiveWriter` mode, off in `SingleWriter` and
+    /// `MultiWriter`. The journal serves one process: a journaled file opened in a shared mode
+    /// is first recovered (what an exclusive writer left in the journal is put in place) and
+    /// then written in place like a plain file, so it works but without the gain. A read-only
+    /// open in a shared mode of a file whose journal still holds commits (its writer crashed)
+    /// fails with a storage error until a writable open recovers it. Existing files keep the
+    /// layout they were created with; this setting matters only when a file is created.
+    /// Memory: the pages of the commits not yet checkpointed, at most about the region's size.
+    /// The old records stay in the region until overwritten, like SQLite's WAL: deleted data
+    /// can linger in the file's bytes there, as it can in free pages.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// // A plain redb file, as the shared modes make.
+    /// let db = mqlite::Database::builder().journal(false).open(dir.path().join("plain.mqlite"))?;
+    /// db.write(|txn| txn.create_topic("t", mqlite::TopicConfig::default()))?;
+    /// # Ok::<(), mqlite::Error>(())
+    /// ```
+    pub fn journal(&mut self, on: bool) -> &mut Self {
+        self.journal = Some(on);
+        self
+    }
+
+    /// The size of the journal region of a file this builder creates. Default 4 MiB; at
+    /// least 16 KiB and at most 1 GiB, rounded up to 4 KiB (else [`Error::InvalidConfig`] at
+    /// open). A larger region checkpoints less often and costs as much file space and, at
+    /// most, as much memory; a durable commit larger than the region is written in place,
+    /// as on a plain file. Existing files keep the size they were created with.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("small.mqlite");
+    /// let db = mqlite::Database::builder().journal_size_bytes(256 << 10).open(&path)?;
+    /// db.write(|txn| txn.create_topic("t", mqlite::TopicConfig::default()))?;
+    /// assert!(std::fs::metadata(&path)?.len() < 1 << 20);
+    /// # Ok::<(), mqlite::Error>(())
+    /// ```
+    pub fn journal_size_bytes(&mut self, bytes: u64) -> &mut Self {
+        self.journal_bytes = bytes;
+        self
+    }
+
+    fn journal_on(&self) -> bool {
+        self.journal
+            .unwrap_or(self.concurrency == redb::ConcurrencyMode::ExclusiveWriter)
+    }
+
+    /// The backend under redb for the existing file at `path`: the journal when the file has
+    /// one.
+    pub(crate) fn file_storage(&self, path: &Path, writable: bool) -> Result<Storage> {
+        let layout = check_magic(path)?;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)?;
+        let plain = redb::backends::FileBackend::new(file).map_err(|e| open_error(e, path))?;
+        match layout {
+            Layout::Plain => Ok(Storage::owned(plain)),
+            Layout::Journaled => Ok(Storage::owned(Journal::open(
+                plain,
+                writable,
+                self.shares_file(),
+            ))),
+        }
+    }
+
+    fn shares_file(&self) -> bool {
+        self.concurrency != redb::ConcurrencyMode::ExclusiveWriter
+    }
+
+    /// redb's writable handle on the existing file at `path`.
+    pub(crate) fn redb_open(&self, path: &Path) -> Result<redb::Database> {
+        let storage = self.file_storage(path, true)?;
+        self.redb_builder()
+            .create_with_backend(storage)
+            .map_err(|e| open_error(e, path))
+    }
+
+    /// redb's read-only handle on the existing file at `path`.
+    pub(crate) fn redb_open_read_only(&self, path: &Path) -> Result<redb::ReadOnlyDatabase> {
+        let storage = self.file_storage(path, false)?;
+        self.redb_builder()
+            .open_read_only_with_backend(storage)
+            .map_err(|e| open_error(e, path))
+    }
+
     /// A seam for fault injection: called before each step of creating a new file; an error
     /// stops the creation there, as a crash would. Default: none.
     pub fn create_hook(
@@ -233,6 +337,12 @@ impl Builder {
             return Err(Error::InvalidConfig(
                 "relaxed durability needs the ExclusiveWriter concurrency mode".into(),
             ));
+        }
+        if !(16 << 10..=1 << 30).contains(&self.journal_bytes) {
+            return Err(Error::InvalidConfig(format!(
+                "journal size {} bytes is outside 16 KiB ..= 1 GiB",
+                self.journal_bytes
+            )));
         }
         if self.limits.max_batch == 0 || self.limits.max_message_bytes == 0 {
             return Err(Error::InvalidConfig("limits must be at least 1".into()));
@@ -276,16 +386,9 @@ impl Builder {
             self.create_file(path)?;
         }
         self.check_existing(path)?;
-        let db = self
-            .redb_builder()
-            .open(path)
-            .map_err(|e| open_error(e, path))?;
-        let (cache, mode, file) = (self.cache_size_bytes, self.concurrency, path.to_path_buf());
-        let reopen: Reopen = Box::new(move || {
-            redb_builder(cache, mode)
-                .open(&file)
-                .map_err(|e| open_error(e, &file))
-        });
+        let db = self.redb_open(path)?;
+        let (builder, file) = (self.clone(), path.to_path_buf());
+        let reopen: Reopen = Box::new(move || builder.redb_open(&file));
         self.finish_open(db, reopen, Some(path.to_path_buf()), false)
     }
 
@@ -311,15 +414,30 @@ impl Builder {
     fn open_on(&self, backend: impl StorageBackend) -> Result<Database> {
         self.check_config()?;
         let backend: Arc<dyn StorageBackend> = Arc::new(backend);
-        let db = self
-            .redb_builder()
-            .create_with_backend(SharedBackend(backend.clone()))
-            .map_err(Error::from)?;
-        let (cache, mode) = (self.cache_size_bytes, self.concurrency);
-        let reopen: Reopen = Box::new(move || {
-            Ok(redb_builder(cache, mode).create_with_backend(SharedBackend(backend.clone()))?)
-        });
+        let db = self.redb_on(&backend)?;
+        let builder = self.clone();
+        let reopen: Reopen = Box::new(move || builder.redb_on(&backend));
         self.finish_open(db, reopen, None, true)
+    }
+
+    /// redb's handle on a caller's backend: journaled when it is (or, empty, when new files
+    /// are), plain otherwise.
+    fn redb_on(&self, backend: &Arc<dyn StorageBackend>) -> Result<redb::Database> {
+        let lower = || Storage::shared(backend.clone());
+        let len = backend.len()?;
+        let mut head = [0u8; journal::MAGIC_LEN];
+        let journaled = len >= head.len() as u64 && {
+            backend.read(0, &mut head)?;
+            journal::is_journaled(&head)
+        };
+        let storage = if journaled {
+            Storage::owned(Journal::open(lower(), true, self.shares_file()))
+        } else if len == 0 && self.journal_on() {
+            Storage::owned(Journal::create(lower(), self.journal_bytes)?)
+        } else {
+            lower()
+        };
+        Ok(self.redb_builder().create_with_backend(storage)?)
     }
 
     /// Builds a new file under a temporary name and links it into place.
@@ -339,9 +457,20 @@ impl Builder {
         ));
         self.hook(CreateStep::CreateTemp)?;
         {
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&temp)?;
+            let plain = redb::backends::FileBackend::new(file).map_err(|e| open_error(e, &temp))?;
+            let storage = if self.journal_on() {
+                Storage::owned(Journal::create(plain, self.journal_bytes)?)
+            } else {
+                Storage::owned(plain)
+            };
             let db = self
                 .redb_builder()
-                .create(&temp)
+                .create_with_backend(storage)
                 .map_err(|e| open_error(e, &temp))?;
             self.hook(CreateStep::WriteSchema)?;
             init_schema(&db)?;
@@ -375,14 +504,9 @@ impl Builder {
     /// Checks an existing file without modifying it: redb's magic, then the meta table
     /// through a read-only handle.
     fn check_existing(&self, path: &Path) -> Result<()> {
-        check_magic(path)?;
-        let read_only = match self.redb_builder().open_read_only(path) {
+        let read_only = match self.redb_open_read_only(path) {
             Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(Error::AlreadyOpen {
-                    path: path.to_path_buf(),
-                });
-            }
+            Err(e @ (Error::AlreadyOpen { .. } | Error::NotMqliteFile { .. })) => return Err(e),
             // A file that needs recovery cannot be opened read-only; the writable open
             // repairs it and checks the format again.
             Err(_) => return Ok(()),
@@ -422,7 +546,7 @@ impl Builder {
             clock: self.clock.clone(),
             durability: self.durability,
             notifier: Arc::new(Notifier::default()),
-            shares_file: self.concurrency != redb::ConcurrencyMode::ExclusiveWriter,
+            shares_file: self.shares_file(),
             dirty: AtomicBool::new(false),
             group: GroupCommit::default(),
             counters: Counters::default(),
@@ -498,24 +622,40 @@ fn upgrade_format(db: &redb::Database) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a file that does not start with redb's magic bytes, before redb reads it.
-pub(crate) fn check_magic(path: &Path) -> Result<()> {
+/// How a file's bytes reach redb.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Layout {
+    /// redb's file as it is.
+    Plain,
+    /// redb's file behind the write-ahead journal (see `journal`).
+    Journaled,
+}
+
+/// Tells a plain redb file from a journaled one by its first bytes, before redb reads it;
+/// refuses any other file.
+pub(crate) fn check_magic(path: &Path) -> Result<Layout> {
     const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
-    let mut head = [0u8; 9];
-    let mut file = File::open(path).map_err(|e| match e.kind() {
+    let file = File::open(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => Error::NotMqliteFile {
             path: path.to_path_buf(),
             reason: "no such file".into(),
         },
         _ => Error::Io(e),
     })?;
-    if file.read_exact(&mut head).is_err() || head != REDB_MAGIC {
-        return Err(Error::NotMqliteFile {
+    let mut head = Vec::with_capacity(journal::MAGIC_LEN);
+    file.take(journal::MAGIC_LEN as u64)
+        .read_to_end(&mut head)?;
+    let read = head.len();
+    if journal::is_journaled(&head) {
+        Ok(Layout::Journaled)
+    } else if read >= REDB_MAGIC.len() && head[..REDB_MAGIC.len()] == REDB_MAGIC {
+        Ok(Layout::Plain)
+    } else {
+        Err(Error::NotMqliteFile {
             path: path.to_path_buf(),
             reason: "no redb header".into(),
-        });
+        })
     }
-    Ok(())
 }
 
 pub(crate) fn check_format(txn: &redb::ReadTransaction, path: Option<&Path>) -> Result<()> {

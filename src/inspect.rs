@@ -8,7 +8,7 @@ use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use crate::codec::{self, EntryState};
 use crate::db::{Builder, Database};
-use crate::error::{Error, Result, guard_damage, open_error};
+use crate::error::{Error, Result, guard_damage};
 use crate::outbox::OutboxInfo;
 use crate::queue::QueueInfo;
 use crate::schema::{
@@ -398,11 +398,7 @@ impl Builder {
     }
 
     fn open_read_only_file(&self, path: &Path) -> Result<ReadOnlyDatabase> {
-        crate::db::check_magic(path)?;
-        let db = self
-            .redb_builder()
-            .open_read_only(path)
-            .map_err(|e| open_error(e, path))?;
+        let db = self.redb_open_read_only(path)?;
         crate::db::check_format(&db.begin_read()?, Some(path))?;
         Ok(ReadOnlyDatabase {
             db,
@@ -483,8 +479,6 @@ impl Builder {
             });
         }
         drop(self.open(path)?);
-        self.redb_builder()
-            .open(path)
-            .map_err(|e| open_error(e, path))
+        self.redb_open(path)
     }
 }

@@ -20,6 +20,7 @@ mod dedup;
 mod dump;
 mod error;
 mod inspect;
+mod journal;
 mod message;
 mod names;
 mod outbox;

@@ -114,49 +114,79 @@ impl Store {
     }
 }
 
-/// A backend shared between the successive redb handles of one database.
+/// The backend redb is given: a plain file, a journaled one, or the caller's backend.
+///
+/// A backend given to [`Builder::open_backend`](crate::Builder::open_backend) is shared by the
+/// successive redb handles of one database (one after each reopen), so closing a handle must
+/// not close it; a backend made for one handle is closed with it.
 #[derive(Debug)]
-pub(crate) struct SharedBackend(pub(crate) std::sync::Arc<dyn redb::StorageBackend>);
+pub(crate) struct Storage {
+    inner: std::sync::Arc<dyn redb::StorageBackend>,
+    owned: bool,
+}
+
+impl Storage {
+    /// A backend that lives as long as this handle.
+    pub(crate) fn owned(backend: impl redb::StorageBackend) -> Self {
+        Storage {
+            inner: std::sync::Arc::new(backend),
+            owned: true,
+        }
+    }
+
+    /// A backend that outlives this handle.
+    pub(crate) fn shared(backend: std::sync::Arc<dyn redb::StorageBackend>) -> Self {
+        Storage {
+            inner: backend,
+            owned: false,
+        }
+    }
+}
 
 type IoResult<T> = std::result::Result<T, std::io::Error>;
 type LockResult<T> = std::result::Result<T, redb::BackendError>;
 type Bound = std::ops::Bound<u64>;
 
-impl redb::StorageBackend for SharedBackend {
+impl redb::StorageBackend for Storage {
     fn len(&self) -> IoResult<u64> {
-        self.0.len()
+        self.inner.len()
     }
     fn read(&self, offset: u64, out: &mut [u8]) -> IoResult<()> {
-        self.0.read(offset, out)
+        self.inner.read(offset, out)
     }
     fn set_len(&self, len: u64) -> IoResult<()> {
-        self.0.set_len(len)
+        self.inner.set_len(len)
     }
     fn sync_data(&self) -> IoResult<()> {
-        self.0.sync_data()
+        self.inner.sync_data()
     }
     fn write(&self, offset: u64, data: &[u8]) -> IoResult<()> {
-        self.0.write(offset, data)
+        self.inner.write(offset, data)
     }
-    // `close` stays the default no-op: the next handle still uses the backend, which is
-    // released when the last handle drops it.
+    fn close(&self) -> IoResult<()> {
+        if self.owned {
+            self.inner.close()
+        } else {
+            Ok(())
+        }
+    }
     fn try_lock_range(&self, start: Bound, end: Bound) -> LockResult<bool> {
-        self.0.try_lock_range(start, end)
+        self.inner.try_lock_range(start, end)
     }
     fn try_lock_shared_range(&self, start: Bound, end: Bound) -> LockResult<bool> {
-        self.0.try_lock_shared_range(start, end)
+        self.inner.try_lock_shared_range(start, end)
     }
     fn lock_range(&self, start: Bound, end: Bound) -> LockResult<()> {
-        self.0.lock_range(start, end)
+        self.inner.lock_range(start, end)
     }
     fn lock_shared_range(&self, start: Bound, end: Bound) -> LockResult<()> {
-        self.0.lock_shared_range(start, end)
+        self.inner.lock_shared_range(start, end)
     }
     fn unlock_range(&self, start: Bound, end: Bound) -> LockResult<()> {
-        self.0.unlock_range(start, end)
+        self.inner.unlock_range(start, end)
     }
     fn query_lock_range(&self, start: Bound, end: Bound) -> LockResult<bool> {
-        self.0.query_lock_range(start, end)
+        self.inner.query_lock_range(start, end)
     }
 }
 

@@ -1,0 +1,904 @@
+//! The write-ahead journal: a storage layer under redb that turns each durable commit into one
+//! sequential write and one fsync.
+//!
+//! redb commits by writing its dirty pages where they live (a one-message commit touches about
+//! eight pages across the file) and then fsyncing; the flush of scattered blocks costs up to
+//! twice a flush of the same bytes in one run. A journaled file keeps a fixed region in front of
+//! redb's pages. A sync appends every page written since the last sync to that region as one
+//! record and fsyncs once; the pages are copied to their places later, many records at a time,
+//! when the region is full or the file closes (a *checkpoint*). Until then they are served from
+//! memory. This is SQLite's WAL, inside the one file.
+//!
+//! The file, a journaled one (a plain redb file starts with redb's magic and has none of this):
+//!
+//! ```text
+//! offset         size       what
+//! 0              4 KiB      header slot 0  } the slot with the higher valid counter counts;
+//! 4 KiB          4 KiB      header slot 1  } a checkpoint writes the other one
+//! 8 KiB          J          the journal: records, each starting on a 4 KiB boundary
+//! 8 KiB + J      ...        redb's file, byte for byte as it would be on its own
+//! ```
+//!
+//! A header slot: magic (16 bytes), version u32, crc32c u32 (of the slot's 48 bytes, this field
+//! zero), journal size J u64, counter u64 (the journal's generation), all little-endian.
+//!
+//! A record: magic (8), generation u64, sequence u64 (0 for the first record of a generation),
+//! the logical length after it u64, the smallest logical length since the previous record u64
+//! (a shrink followed by growth reads as zeros), page count n u32, crc32c u32 (of the whole
+//! record, this field zero), n page numbers u64; padded to 4 KiB; then n page images of 4 KiB.
+//!
+//! Recovery reads the chain of records of the header's generation from the start of the
+//! region, stopping at the first record that fails its checksum, breaks the sequence or
+//! belongs to another generation: a torn record was never acknowledged (its fsync had not
+//! returned). The chain is then checkpointed. A checkpoint writes the pages in place, fsyncs,
+//! then writes the next generation into the older header slot and fsyncs again: records of the
+//! old generation are from then on ignored, and the new generation's first record is written
+//! only after that. So every state a crash can leave is the last synced state plus, at most,
+//! a part of the writes after it, which is the state redb is built to recover from on a plain
+//! file; and in the common case it is exactly the last synced state.
+//!
+//! The journal serves one process. In the shared concurrency modes, where other processes
+//! read and write the file too, the handle first checkpoints what an earlier exclusive writer
+//! left in the journal (under redb's writer lock, which redb takes before its first read), and
+//! then reads and writes redb's pages in place, as on a plain file: the journal stays empty
+//! while the file is shared. A read-only handle in a shared mode refuses a file whose journal
+//! holds records (a writer must recover it first); in the exclusive mode it replays them in
+//! memory.
+
+use std::collections::HashMap;
+use std::io;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::RwLock;
+use redb::{BackendError, StorageBackend};
+
+/// The unit of the page maps and of alignment in the journal.
+const PAGE: u64 = 4096;
+/// The two header slots.
+const HEADER_BYTES: u64 = 2 * PAGE;
+/// The journal size of a new file. A record larger than this is written in place instead.
+pub(crate) const DEFAULT_JOURNAL_BYTES: u64 = 4 << 20;
+const MAGIC: [u8; 16] = *b"mqlite-journal\r\n";
+const VERSION: u32 = 1;
+const RECORD_MAGIC: [u8; 8] = *b"mqjrec01";
+const RECORD_FIXED: usize = 48;
+/// Unsynced pages kept in memory before they go to the journal without an fsync.
+const PENDING_LIMIT_PAGES: usize = 1024;
+
+/// Whether the first bytes of a file are a journaled file's header.
+pub(crate) fn is_journaled(head: &[u8]) -> bool {
+    head.len() >= MAGIC.len() && head[..MAGIC.len()] == MAGIC
+}
+
+/// The bytes to read to tell a journaled file from a plain one.
+pub(crate) const MAGIC_LEN: usize = MAGIC.len();
+
+type IoResult<T> = std::result::Result<T, io::Error>;
+
+fn damaged(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("mqlite journal: {what}"),
+    )
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn align(n: u64) -> u64 {
+    n.div_ceil(PAGE) * PAGE
+}
+
+/// A header slot as read: `None` when it fails its checks.
+fn parse_slot(b: &[u8]) -> Option<(u64, u64)> {
+    if b[..16] != MAGIC || le_u32(b, 16) != VERSION {
+        return None;
+    }
+    let mut copy = b[..48].to_vec();
+    copy[20..24].fill(0);
+    if crc32c::crc32c(&copy) != le_u32(b, 20) {
+        return None;
+    }
+    let (journal_bytes, counter) = (le_u64(b, 24), le_u64(b, 32));
+    (journal_bytes >= PAGE && journal_bytes.is_multiple_of(PAGE)).then_some((journal_bytes, counter))
+}
+
+fn encode_slot(journal_bytes: u64, counter: u64) -> Vec<u8> {
+    let mut b = vec![0u8; PAGE as usize];
+    b[..16].copy_from_slice(&MAGIC);
+    b[16..20].copy_from_slice(&VERSION.to_le_bytes());
+    b[24..32].copy_from_slice(&journal_bytes.to_le_bytes());
+    b[32..40].copy_from_slice(&counter.to_le_bytes());
+    let crc = crc32c::crc32c(&b[..48]);
+    b[20..24].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// A page image.
+type Image = Box<[u8]>;
+
+/// The pages of one layer: written since the last sync, or synced to the journal since the
+/// last checkpoint.
+#[derive(Default)]
+struct Layer {
+    pages: HashMap<u64, Image>,
+    /// The smallest logical length since the layer began: pages at and above it, and not in
+    /// `pages`, read as zeros (the file shrank over them).
+    floor: u64,
+}
+
+impl Layer {
+    fn new(len: u64) -> Self {
+        Layer {
+            pages: HashMap::new(),
+            floor: len,
+        }
+    }
+
+    /// Lays `newer` over this layer.
+    fn absorb(&mut self, newer: Layer) {
+        let floor = newer.floor;
+        self.pages.retain(|&p, _| p * PAGE < floor);
+        self.pages.extend(newer.pages);
+        self.floor = self.floor.min(floor);
+    }
+}
+
+struct State {
+    journal_bytes: u64,
+    /// The header counter: the generation whose records count.
+    generation: u64,
+    /// The next record's sequence number and place in the journal.
+    seq: u64,
+    pos: u64,
+    /// redb's length of the file.
+    len: u64,
+    /// The length of redb's file as it stands in place (behind the journal).
+    home_len: u64,
+    /// The length after the last synced record.
+    durable_len: u64,
+    pending: Layer,
+    durable: Layer,
+    /// A write to the storage failed: refuse the rest (redb reopens, which recovers).
+    poisoned: bool,
+    /// Shared with other processes: every access goes to the pages in place.
+    direct: bool,
+}
+
+impl State {
+    fn home(&self) -> u64 {
+        HEADER_BYTES + self.journal_bytes
+    }
+}
+
+/// The journal over a lower backend that holds the whole file.
+pub(crate) struct Journal<B: StorageBackend> {
+    lower: B,
+    writable: bool,
+    shared: bool,
+    ready: AtomicBool,
+    state: RwLock<State>,
+}
+
+impl<B: StorageBackend> std::fmt::Debug for Journal<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("lower", &self.lower)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: StorageBackend> Journal<B> {
+    /// Lays a new, empty journaled file on `lower`, which must be empty; the header and the
+    /// zeroed journal region are synced before this returns (a region written once is cheaper
+    /// to flush later than a sparse one).
+    pub(crate) fn create(lower: B, journal_bytes: u64) -> IoResult<Self> {
+        let journal_bytes = align(journal_bytes.max(PAGE));
+        lower.set_len(HEADER_BYTES + journal_bytes)?;
+        let zeros = vec![0u8; (1 << 20).min(journal_bytes) as usize];
+        let mut at = 0;
+        while at < journal_bytes {
+            let n = (journal_bytes - at).min(zeros.len() as u64) as usize;
+            lower.write(HEADER_BYTES + at, &zeros[..n])?;
+            at += n as u64;
+        }
+        lower.write(PAGE, &encode_slot(journal_bytes, 1))?;
+        lower.sync_data()?;
+        Ok(Self::over(lower, true, false))
+    }
+
+    /// A journaled file on `lower`; it is read (and recovered, when `writable`) at redb's first
+    /// access, which comes after redb has taken the file's lock. `shared`: other processes may
+    /// have the file open (redb's `SingleWriter` and `MultiWriter` modes).
+    pub(crate) fn open(lower: B, writable: bool, shared: bool) -> Self {
+        Self::over(lower, writable, shared)
+    }
+
+    fn over(lower: B, writable: bool, shared: bool) -> Self {
+        Journal {
+            lower,
+            writable,
+            shared,
+            ready: AtomicBool::new(false),
+            state: RwLock::new(State {
+                journal_bytes: 0,
+                generation: 0,
+                seq: 0,
+                pos: 0,
+                len: 0,
+                home_len: 0,
+                durable_len: 0,
+                pending: Layer::default(),
+                durable: Layer::default(),
+                poisoned: false,
+                direct: false,
+            }),
+        }
+    }
+
+    fn ensure(&self) -> IoResult<()> {
+        if self.ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut s = self.state.write();
+        if !self.ready.load(Ordering::Acquire) {
+            self.recover(&mut s)?;
+            self.ready.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Reads the header and the chain of records, and checkpoints them when writable.
+    fn recover(&self, s: &mut State) -> IoResult<()> {
+        let mut slots = vec![0u8; HEADER_BYTES as usize];
+        self.lower.read(0, &mut slots)?;
+        let a = parse_slot(&slots[..PAGE as usize]);
+        let b = parse_slot(&slots[PAGE as usize..]);
+        let ((journal_bytes, generation), one_damaged) = match (a, b) {
+            (Some(x), Some(y)) => (if x.1 >= y.1 { x } else { y }, false),
+            (Some(x), None) | (None, Some(x)) => (x, true),
+            (None, None) => return Err(damaged("both header slots fail their checksum")),
+        };
+        let physical = self.lower.len()?;
+        let home = HEADER_BYTES + journal_bytes;
+        s.journal_bytes = journal_bytes;
+        s.generation = generation;
+        s.home_len = physical.saturating_sub(home);
+        s.len = s.home_len;
+        s.durable_len = s.home_len;
+        s.durable = Layer::new(s.len);
+        s.pending = Layer::new(s.len);
+        // A checkpoint that wrote the newer slot and then lost it to damage leaves records of
+        // the next generation: they prove that slot's counter.
+        let accept = |g: u64| g == generation || (one_damaged && g == generation + 1);
+        let (mut pos, mut seq, mut chain) = (0u64, 0u64, None);
+        while let Some((g, size, len, layer)) = self.read_record(s, pos, seq)? {
+            match chain {
+                None if accept(g) => chain = Some(g),
+                Some(c) if c == g => {}
+                _ => break,
+            }
+            s.durable.absorb(layer);
+            s.durable_len = len;
+            s.len = len;
+            pos += size;
+            seq += 1;
+        }
+        if let Some(g) = chain {
+            s.generation = g;
+        }
+        s.seq = seq;
+        s.pos = pos;
+        s.pending = Layer::new(s.len);
+        if seq > 0 && self.writable {
+            tracing::info!(target: "mqlite::store", records = seq, "replayed the journal");
+            self.checkpoint(s)?;
+        } else if seq > 0 && self.shared {
+            return Err(damaged(
+                "the journal holds commits not yet in place; open the file for writing once to recover it",
+            ));
+        }
+        s.direct = self.shared;
+        Ok(())
+    }
+
+    /// The record at `pos`, if it is whole and is number `seq` of a generation.
+    fn read_record(
+        &self,
+        s: &State,
+        pos: u64,
+        seq: u64,
+    ) -> IoResult<Option<(u64, u64, u64, Layer)>> {
+        if pos + PAGE > s.journal_bytes {
+            return Ok(None);
+        }
+        let mut first = vec![0u8; PAGE as usize];
+        self.lower.read(HEADER_BYTES + pos, &mut first)?;
+        if first[..8] != RECORD_MAGIC || le_u64(&first, 16) != seq {
+            return Ok(None);
+        }
+        let count = u64::from(le_u32(&first, 40));
+        let size = align(RECORD_FIXED as u64 + 8 * count) + count * PAGE;
+        if pos + size > s.journal_bytes {
+            return Ok(None);
+        }
+        let mut record = first;
+        record.resize(size as usize, 0);
+        if size > PAGE {
+            self.lower
+                .read(HEADER_BYTES + pos + PAGE, &mut record[PAGE as usize..])?;
+        }
+        let stored = le_u32(&record, 44);
+        record[44..48].fill(0);
+        if crc32c::crc32c(&record) != stored {
+            return Ok(None);
+        }
+        let (generation, len, floor) =
+            (le_u64(&record, 8), le_u64(&record, 24), le_u64(&record, 32));
+        let images = align(RECORD_FIXED as u64 + 8 * count) as usize;
+        let mut layer = Layer::new(floor.min(len));
+        for i in 0..count as usize {
+            let page = le_u64(&record, RECORD_FIXED + 8 * i);
+            let at = images + i * PAGE as usize;
+            layer
+                .pages
+                .insert(page, record[at..at + PAGE as usize].into());
+        }
+        Ok(Some((generation, size, len, layer)))
+    }
+
+    /// Copies one page as redb would read it now into `out` (whole page).
+    fn visible(&self, s: &State, page: u64, out: &mut [u8]) -> IoResult<()> {
+        let at = page * PAGE;
+        if let Some(img) = s.pending.pages.get(&page) {
+            out.copy_from_slice(img);
+            return Ok(());
+        }
+        if at < s.pending.floor {
+            if let Some(img) = s.durable.pages.get(&page) {
+                out.copy_from_slice(img);
+                return Ok(());
+            }
+            if at < s.durable.floor && at < s.home_len {
+                let n = (s.home_len - at).min(PAGE) as usize;
+                self.lower.read(s.home() + at, &mut out[..n])?;
+                out[n..].fill(0);
+                return Ok(());
+            }
+        }
+        out.fill(0);
+        Ok(())
+    }
+
+    fn read_locked(&self, s: &State, offset: u64, out: &mut [u8]) -> IoResult<()> {
+        let end = offset + out.len() as u64;
+        if end > s.len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of the file",
+            ));
+        }
+        let mut at = offset;
+        let mut page = vec![0u8; PAGE as usize];
+        while at < end {
+            let p = at / PAGE;
+            let in_page = (at % PAGE) as usize;
+            let n = ((PAGE as usize - in_page) as u64).min(end - at) as usize;
+            let dst = (at - offset) as usize;
+            // A run of pages that only the file in place holds: one read for all of them.
+            let home_limit = s.pending.floor.min(s.durable.floor).min(s.home_len);
+            if in_page == 0
+                && !s.pending.pages.contains_key(&p)
+                && !s.durable.pages.contains_key(&p)
+                && at < home_limit
+            {
+                let mut run_end = at + n as u64;
+                while run_end < end
+                    && run_end < home_limit
+                    && !s.pending.pages.contains_key(&(run_end / PAGE))
+                    && !s.durable.pages.contains_key(&(run_end / PAGE))
+                {
+                    run_end = (run_end + PAGE).min(end);
+                }
+                let run_end = run_end.min(home_limit);
+                let len = (run_end - at) as usize;
+                if len >= n {
+                    self.lower.read(s.home() + at, &mut out[dst..dst + len])?;
+                    at = run_end;
+                    continue;
+                }
+            }
+            self.visible(s, p, &mut page)?;
+            out[dst..dst + n].copy_from_slice(&page[in_page..in_page + n]);
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn fail<T>(s: &mut State, e: io::Error) -> IoResult<T> {
+        s.poisoned = true;
+        Err(e)
+    }
+
+    fn check(s: &State) -> IoResult<()> {
+        if s.poisoned {
+            return Err(io::Error::other(
+                "mqlite journal: an earlier write failed; reopen the database",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Appends the pending pages as a record, fsyncing it when `durable`.
+    fn sync_locked(&self, s: &mut State, durable: bool) -> IoResult<()> {
+        if s.pending.pages.is_empty() && s.len == s.durable_len && s.pending.floor >= s.len {
+            return Ok(());
+        }
+        let mut pages: Vec<u64> = s.pending.pages.keys().copied().collect();
+        pages.sort_unstable();
+        let lists = align(RECORD_FIXED as u64 + 8 * pages.len() as u64);
+        let size = lists + pages.len() as u64 * PAGE;
+        if size > s.journal_bytes {
+            return self.write_in_place(s);
+        }
+        if s.pos + size > s.journal_bytes {
+            self.checkpoint(s)?;
+        }
+        let mut record = vec![0u8; size as usize];
+        record[..8].copy_from_slice(&RECORD_MAGIC);
+        record[8..16].copy_from_slice(&s.generation.to_le_bytes());
+        record[16..24].copy_from_slice(&s.seq.to_le_bytes());
+        record[24..32].copy_from_slice(&s.len.to_le_bytes());
+        record[32..40].copy_from_slice(&s.pending.floor.to_le_bytes());
+        record[40..44].copy_from_slice(&(pages.len() as u32).to_le_bytes());
+        for (i, p) in pages.iter().enumerate() {
+            let at = RECORD_FIXED + 8 * i;
+            record[at..at + 8].copy_from_slice(&p.to_le_bytes());
+            let img = lists as usize + i * PAGE as usize;
+            record[img..img + PAGE as usize].copy_from_slice(&s.pending.pages[p]);
+        }
+        let crc = crc32c::crc32c(&record);
+        record[44..48].copy_from_slice(&crc.to_le_bytes());
+        if let Err(e) = self.lower.write(HEADER_BYTES + s.pos, &record) {
+            return Self::fail(s, e);
+        }
+        if durable && let Err(e) = self.lower.sync_data() {
+            return Self::fail(s, e);
+        }
+        s.pos += size;
+        s.seq += 1;
+        let pending = std::mem::replace(&mut s.pending, Layer::new(s.len));
+        s.durable.absorb(pending);
+        s.durable_len = s.len;
+        Ok(())
+    }
+
+    /// Writes the synced pages in place and starts the next generation.
+    fn checkpoint(&self, s: &mut State) -> IoResult<()> {
+        let result = self.checkpoint_inner(s);
+        if result.is_err() {
+            s.poisoned = true;
+        }
+        result
+    }
+
+    fn checkpoint_inner(&self, s: &mut State) -> IoResult<()> {
+        let home = s.home();
+        if s.durable.floor < s.home_len {
+            self.lower.set_len(home + s.durable.floor)?;
+        }
+        if s.durable.floor < s.home_len || s.home_len != s.durable_len {
+            self.lower.set_len(home + s.durable_len)?;
+        }
+        let mut pages: Vec<u64> = s.durable.pages.keys().copied().collect();
+        pages.sort_unstable();
+        // Consecutive pages go out in one write.
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_start = 0;
+        for p in pages {
+            let at = p * PAGE;
+            if at >= s.durable_len {
+                continue;
+            }
+            if !run.is_empty() && run_start + run.len() as u64 != at {
+                self.lower.write(home + run_start, &run)?;
+                run.clear();
+            }
+            if run.is_empty() {
+                run_start = at;
+            }
+            let n = (s.durable_len - at).min(PAGE) as usize;
+            run.extend_from_slice(&s.durable.pages[&p][..n]);
+        }
+        if !run.is_empty() {
+            self.lower.write(home + run_start, &run)?;
+        }
+        self.lower.sync_data()?;
+        s.home_len = s.durable_len;
+        s.durable = Layer::new(s.durable_len);
+        let next = s.generation + 1;
+        self.lower
+            .write((next % 2) * PAGE, &encode_slot(s.journal_bytes, next))?;
+        self.lower.sync_data()?;
+        s.generation = next;
+        s.seq = 0;
+        s.pos = 0;
+        Ok(())
+    }
+
+    /// A sync too large for the journal: checkpoint, then write the pages in place, as redb
+    /// does on a plain file (it recovers from a crash in the middle by its own checksums).
+    fn write_in_place(&self, s: &mut State) -> IoResult<()> {
+        self.checkpoint(s)?;
+        let home = s.home();
+        let result = (|| {
+            if s.pending.floor < s.home_len {
+                self.lower.set_len(home + s.pending.floor)?;
+            }
+            self.lower.set_len(home + s.len)?;
+            let mut pages: Vec<(&u64, &Image)> = s.pending.pages.iter().collect();
+            pages.sort_unstable_by_key(|(p, _)| **p);
+            for (p, img) in pages {
+                let at = p * PAGE;
+                if at < s.len {
+                    let n = (s.len - at).min(PAGE) as usize;
+                    self.lower.write(home + at, &img[..n])?;
+                }
+            }
+            self.lower.sync_data()
+        })();
+        if let Err(e) = result {
+            return Self::fail(s, e);
+        }
+        s.home_len = s.len;
+        s.durable_len = s.len;
+        s.durable = Layer::new(s.len);
+        s.pending = Layer::new(s.len);
+        Ok(())
+    }
+}
+
+impl<B: StorageBackend> StorageBackend for Journal<B> {
+    fn len(&self) -> IoResult<u64> {
+        self.ensure()?;
+        let s = self.state.read();
+        if s.direct {
+            return Ok(self.lower.len()?.saturating_sub(s.home()));
+        }
+        Ok(s.len)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> IoResult<()> {
+        self.ensure()?;
+        let s = self.state.read();
+        if s.direct {
+            return self.lower.read(s.home() + offset, out);
+        }
+        self.read_locked(&s, offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> IoResult<()> {
+        self.ensure()?;
+        let mut s = self.state.write();
+        Self::check(&s)?;
+        if s.direct {
+            return self.lower.set_len(s.home() + len);
+        }
+        if len < s.len {
+            s.pending.pages.retain(|&p, _| p * PAGE < len);
+            if !len.is_multiple_of(PAGE) {
+                // The page the file now ends in keeps its head and reads zeros after it.
+                let p = len / PAGE;
+                let mut img = vec![0u8; PAGE as usize];
+                self.visible(&s, p, &mut img)?;
+                img[(len % PAGE) as usize..].fill(0);
+                s.pending.pages.insert(p, img.into());
+            }
+            s.pending.floor = s.pending.floor.min(len);
+        }
+        s.len = len;
+        Ok(())
+    }
+
+    fn sync_data(&self) -> IoResult<()> {
+        self.ensure()?;
+        let mut s = self.state.write();
+        Self::check(&s)?;
+        if s.direct {
+            return self.lower.sync_data();
+        }
+        self.sync_locked(&mut s, true)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> IoResult<()> {
+        self.ensure()?;
+        let mut s = self.state.write();
+        Self::check(&s)?;
+        if s.direct {
+            return self.lower.write(s.home() + offset, data);
+        }
+        let end = offset + data.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let p = at / PAGE;
+            let in_page = (at % PAGE) as usize;
+            let n = ((PAGE as usize - in_page) as u64).min(end - at) as usize;
+            let src = (at - offset) as usize;
+            if !s.pending.pages.contains_key(&p) {
+                let mut img = vec![0u8; PAGE as usize];
+                if n < PAGE as usize {
+                    self.visible(&s, p, &mut img)?;
+                }
+                s.pending.pages.insert(p, img.into());
+            }
+            if let Some(img) = s.pending.pages.get_mut(&p) {
+                img[in_page..in_page + n].copy_from_slice(&data[src..src + n]);
+            }
+            at += n as u64;
+        }
+        s.len = s.len.max(end);
+        if s.pending.pages.len() > PENDING_LIMIT_PAGES {
+            // Unsynced writes beyond the budget go to the journal without an fsync: a crash
+            // keeps a prefix of them, as it may on a plain file.
+            self.sync_locked(&mut s, false)?;
+        }
+        Ok(())
+    }
+
+    fn close(&self) -> IoResult<()> {
+        let result = if self.writable && self.ready.load(Ordering::Acquire) {
+            let mut s = self.state.write();
+            if s.poisoned || s.direct {
+                Ok(())
+            } else {
+                self.sync_locked(&mut s, true).and_then(|()| {
+                    if s.seq > 0 {
+                        self.checkpoint(&mut s)
+                    } else {
+                        Ok(())
+                    }
+                })
+            }
+        } else {
+            Ok(())
+        };
+        let closed = self.lower.close();
+        result.and(closed)
+    }
+
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.lower.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.lower.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.lower.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.lower.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.lower.unlock_range(start, end)
+    }
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.lower.query_lock_range(start, end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use redb::backends::InMemoryBackend;
+
+    use super::*;
+    use crate::store::Storage;
+
+    type Disk = Arc<dyn StorageBackend>;
+
+    fn disk() -> Disk {
+        Arc::new(InMemoryBackend::new())
+    }
+
+    fn create(d: &Disk, bytes: u64) -> Journal<Storage> {
+        Journal::create(Storage::shared(d.clone()), bytes).unwrap()
+    }
+
+    /// A reopen without a close: what a crash leaves (the memory backend keeps every write).
+    fn reopen(d: &Disk) -> Journal<Storage> {
+        Journal::open(Storage::shared(d.clone()), true, false)
+    }
+
+    fn contents(j: &impl StorageBackend) -> Vec<u8> {
+        let mut out = vec![0u8; j.len().unwrap() as usize];
+        j.read(0, &mut out).unwrap();
+        out
+    }
+
+    fn state(j: &Journal<Storage>) -> (u64, u64, usize) {
+        let s = j.state.read();
+        (s.generation, s.seq, s.durable.pages.len())
+    }
+
+    #[test]
+    fn synced_writes_survive_a_crash_and_unsynced_ones_do_not() {
+        let d = disk();
+        let j = create(&d, 64 * PAGE);
+        j.set_len(3 * PAGE).unwrap();
+        j.write(100, b"hello").unwrap();
+        j.write(PAGE - 2, b"across").unwrap();
+        j.sync_data().unwrap();
+        j.write(2 * PAGE, b"lost").unwrap();
+        assert_eq!(&contents(&j)[2 * PAGE as usize..][..4], b"lost");
+        let after = reopen(&d);
+        let bytes = contents(&after);
+        assert_eq!(bytes.len() as u64, 3 * PAGE);
+        assert_eq!(&bytes[100..105], b"hello");
+        assert_eq!(&bytes[PAGE as usize - 2..][..6], b"across");
+        assert_eq!(&bytes[2 * PAGE as usize..][..4], [0; 4]);
+        // The reopen replayed one record and checkpointed it: generation 2, nothing pending.
+        assert_eq!(state(&after), (2, 0, 0));
+    }
+
+    #[test]
+    fn a_close_checkpoints_and_the_pages_are_in_place() {
+        let d = disk();
+        let j = create(&d, 64 * PAGE);
+        j.set_len(2 * PAGE).unwrap();
+        j.write(PAGE, &[7u8; 4096]).unwrap();
+        j.sync_data().unwrap();
+        j.close().unwrap();
+        let home = HEADER_BYTES + 64 * PAGE;
+        assert_eq!(d.len().unwrap(), home + 2 * PAGE);
+        let mut page = vec![0u8; PAGE as usize];
+        d.read(home + PAGE, &mut page).unwrap();
+        assert_eq!(page, vec![7u8; 4096]);
+        assert_eq!(contents(&reopen(&d))[PAGE as usize..], page[..]);
+    }
+
+    #[test]
+    fn a_shrink_then_growth_reads_zeros_before_and_after_recovery() {
+        let d = disk();
+        let j = create(&d, 64 * PAGE);
+        j.set_len(4 * PAGE).unwrap();
+        j.write(0, &vec![9u8; 4 * PAGE as usize]).unwrap();
+        j.sync_data().unwrap();
+        j.close().unwrap();
+        let j = reopen(&d);
+        j.set_len(PAGE + 10).unwrap();
+        j.set_len(4 * PAGE).unwrap();
+        j.sync_data().unwrap();
+        let mut want = vec![9u8; PAGE as usize + 10];
+        want.resize(4 * PAGE as usize, 0);
+        assert_eq!(contents(&j), want);
+        assert_eq!(contents(&reopen(&d)), want);
+    }
+
+    #[test]
+    fn a_full_journal_is_checkpointed_and_a_record_larger_than_it_goes_in_place() {
+        let d = disk();
+        let j = create(&d, 8 * PAGE);
+        j.set_len(16 * PAGE).unwrap();
+        for round in 0..20u8 {
+            j.write(u64::from(round % 16) * PAGE, &[round; 4096])
+                .unwrap();
+            j.sync_data().unwrap();
+        }
+        // Each record is two pages: four fit, so twenty syncs made several checkpoints.
+        assert!(state(&j).0 > 4, "{:?}", state(&j));
+        j.write(0, &vec![0xAB; 12 * PAGE as usize]).unwrap();
+        j.sync_data().unwrap();
+        let bytes = contents(&reopen(&d));
+        assert!(bytes[..12 * PAGE as usize].iter().all(|&b| b == 0xAB));
+        for p in 12..16u8 {
+            let want = if p + 16 < 20 { p + 16 } else { p };
+            assert!(
+                bytes[usize::from(p) * PAGE as usize..][..PAGE as usize]
+                    .iter()
+                    .all(|&b| b == want)
+            );
+        }
+    }
+
+    #[test]
+    fn records_of_an_old_generation_and_damaged_records_are_ignored() {
+        let d = disk();
+        let j = create(&d, 64 * PAGE);
+        j.set_len(PAGE).unwrap();
+        j.write(0, b"first").unwrap();
+        j.sync_data().unwrap();
+        j.close().unwrap(); // checkpointed: the record at the journal's start is stale now
+        let j = reopen(&d);
+        j.write(0, b"again").unwrap();
+        j.sync_data().unwrap();
+        j.write(0, b"third").unwrap();
+        j.sync_data().unwrap();
+        // Damage the second record: recovery keeps the first and stops there.
+        let second = HEADER_BYTES + 2 * PAGE;
+        d.write(second + PAGE + 3, b"x").unwrap();
+        assert_eq!(&contents(&reopen(&d))[..5], b"again");
+    }
+
+    #[test]
+    fn a_damaged_newer_header_slot_is_proved_by_the_records_after_it() {
+        let d = disk();
+        let j = create(&d, 64 * PAGE); // generation 1, in slot 1
+        j.set_len(PAGE).unwrap();
+        j.write(0, b"one").unwrap();
+        j.sync_data().unwrap();
+        j.close().unwrap(); // generation 2, in slot 0
+        let j = reopen(&d);
+        j.write(0, b"two").unwrap();
+        j.sync_data().unwrap(); // a record of generation 2
+        d.write(40, b"\xff").unwrap(); // slot 0 fails its checksum
+        let after = reopen(&d);
+        assert_eq!(&contents(&after)[..3], b"two");
+        // Both slots damaged: refused, not guessed.
+        d.write(PAGE + 40, b"\xff").unwrap();
+        let err = Journal::open(Storage::shared(d.clone()), false, false)
+            .len()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn random_operations_match_a_model_across_crashes() {
+        let mut seed = 0x5EED_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let d = disk();
+        let mut j = create(&d, 16 * PAGE);
+        let (mut live, mut synced) = (Vec::<u8>::new(), Vec::<u8>::new());
+        for _ in 0..3000 {
+            match next(10) {
+                0..=5 if !live.is_empty() => {
+                    let at = next(live.len() as u64) as usize;
+                    let n = (1 + next(3 * PAGE)) as usize;
+                    let byte = next(255) as u8 + 1;
+                    let end = (at + n).min(live.len());
+                    j.write(at as u64, &vec![byte; end - at]).unwrap();
+                    live[at..end].fill(byte);
+                }
+                6 => {
+                    let len = next(12 * PAGE) as usize;
+                    j.set_len(len as u64).unwrap();
+                    live.resize(len, 0);
+                }
+                7 | 8 => {
+                    j.sync_data().unwrap();
+                    synced.clone_from(&live);
+                }
+                _ => {
+                    j = if next(2) == 0 {
+                        reopen(&d)
+                    } else {
+                        j.close().unwrap();
+                        synced.clone_from(&live);
+                        reopen(&d)
+                    };
+                    live.clone_from(&synced);
+                }
+            }
+            assert_eq!(contents(&j), live);
+        }
+    }
+}
