@@ -338,7 +338,7 @@ impl Builder {
                 "relaxed durability needs the ExclusiveWriter concurrency mode".into(),
             ));
         }
-        if !(16 << 10..=1 << 30).contains(&self.journal_bytes) {
+        if !(16 << 10..=journal::MAX_JOURNAL_BYTES).contains(&self.journal_bytes) {
             return Err(Error::InvalidConfig(format!(
                 "journal size {} bytes is outside 16 KiB ..= 1 GiB",
                 self.journal_bytes

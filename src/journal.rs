@@ -59,6 +59,11 @@ const PAGE: u64 = 4096;
 const HEADER_BYTES: u64 = 2 * PAGE;
 /// The journal size of a new file. A record larger than this is written in place instead.
 pub(crate) const DEFAULT_JOURNAL_BYTES: u64 = 4 << 20;
+/// The largest region a header may name (the builder's bound too).
+pub(crate) const MAX_JOURNAL_BYTES: u64 = 1 << 30;
+/// The largest file length a record may name: far beyond any real file, and small enough that
+/// no offset computed from it overflows.
+const MAX_LEN: u64 = 1 << 52;
 const MAGIC: [u8; 16] = *b"mqlite-journal\r\n";
 const VERSION: u32 = 1;
 const RECORD_MAGIC: [u8; 8] = *b"mqjrec01";
@@ -110,7 +115,8 @@ fn parse_slot(b: &[u8]) -> Option<(u64, u64)> {
         return None;
     }
     let (journal_bytes, counter) = (le_u64(b, 24), le_u64(b, 32));
-    (journal_bytes >= PAGE && journal_bytes.is_multiple_of(PAGE)).then_some((journal_bytes, counter))
+    ((PAGE..=MAX_JOURNAL_BYTES).contains(&journal_bytes) && journal_bytes.is_multiple_of(PAGE))
+        .then_some((journal_bytes, counter))
 }
 
 fn encode_slot(journal_bytes: u64, counter: u64) -> Vec<u8> {
@@ -345,10 +351,16 @@ impl<B: StorageBackend> Journal<B> {
         }
         let (generation, len, floor) =
             (le_u64(&record, 8), le_u64(&record, 24), le_u64(&record, 32));
+        if len > MAX_LEN {
+            return Ok(None);
+        }
         let images = align(RECORD_FIXED as u64 + 8 * count) as usize;
         let mut layer = Layer::new(floor.min(len));
         for i in 0..count as usize {
             let page = le_u64(&record, RECORD_FIXED + 8 * i);
+            if page > len / PAGE {
+                return Ok(None);
+            }
             let at = images + i * PAGE as usize;
             layer
                 .pages

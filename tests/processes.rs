@@ -30,6 +30,21 @@ fn child() {
     let Some((role, args)) = common::child_role() else {
         return;
     };
+    if role == "exclusive-publisher" {
+        // The default mode: the file is journaled, and the commits stay in the journal until
+        // a checkpoint, which the kill below never lets happen.
+        let db = Database::open(&args[0]).unwrap();
+        db.write(|txn| txn.create_topic("crashed", TopicConfig::default()))
+            .unwrap();
+        for i in 0..20 {
+            db.write(|txn| txn.publish("crashed", &Message::new(format!("m{i}"))))
+                .unwrap();
+        }
+        println!("acked");
+        let mut rest = String::new();
+        std::io::stdin().read_line(&mut rest).unwrap();
+        return;
+    }
     let db = open_shared(&args[0]);
     match role.as_str() {
         "publisher" => {
@@ -191,4 +206,57 @@ fn publisher_and_consumers_in_separate_processes() {
     let info = reopened.read(|r| r.queue_info("jobs")).unwrap();
     assert_eq!(info.depth(), 0, "nothing left in the queue");
     assert!(Path::new(path_str).exists());
+}
+
+/// A journaled file whose writer was killed with commits still in the journal: a shared-mode
+/// reader refuses it with an error until a writer recovers it; a shared-mode writer recovers
+/// it (every acknowledged commit is there) and from then on writes in place, so processes can
+/// share it; the default mode then journals again.
+#[test]
+fn a_journaled_file_left_by_a_killed_writer_is_recovered_by_a_shared_mode_writer() {
+    if common::child_role().is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crashed.mqlite");
+    let f = path.to_str().unwrap();
+    let mut child = common::spawn_child(ENTRY, "exclusive-publisher", &[f]);
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    common::read_until(&mut lines, "acked");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(std::fs::read(&path).unwrap().starts_with(b"mqlite-journal"));
+
+    let reader = Database::builder()
+        .concurrency(ConcurrencyMode::SingleWriter)
+        .open_read_only(&path);
+    match reader {
+        Ok(_) => panic!("a shared reader must not read around the journal"),
+        Err(e) => assert!(e.to_string().contains("journal"), "{e}"),
+    }
+
+    let count = |db: &Database| db.read(|r| r.topic_info("crashed")).unwrap().next_offset;
+    let shared = open_shared(f);
+    assert_eq!(count(&shared), 20);
+    shared
+        .write(|txn| txn.publish("crashed", &Message::new("after")))
+        .unwrap();
+    let second = open_shared(f);
+    assert_eq!(
+        count(&second),
+        21,
+        "a second process sees the first one's commit"
+    );
+    let viewer = Database::builder()
+        .concurrency(ConcurrencyMode::SingleWriter)
+        .open_read_only(&path);
+    assert!(viewer.is_ok(), "recovered, the file reads in any mode");
+    drop((shared, second, viewer));
+
+    let exclusive = Database::open(&path).unwrap();
+    exclusive
+        .write(|txn| txn.publish("crashed", &Message::new("journaled again")))
+        .unwrap();
+    let last = exclusive.read(|r| r.read_topic("crashed", 21, 1)).unwrap();
+    assert_eq!(last[0].message.payload, b"journaled again");
 }

@@ -1071,3 +1071,45 @@ fn a_format_2_file_is_read_and_upgraded_and_its_batches_read_beside_dense_ones()
     let again = Database::builder().open_read_only(&path).unwrap();
     assert_eq!(again.begin_read().unwrap().format_version().unwrap(), 3);
 }
+
+#[test]
+fn new_files_are_journaled_by_default_plain_on_request_and_keep_their_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let starts = |p: &std::path::Path, magic: &[u8]| std::fs::read(p).unwrap().starts_with(magic);
+    let journaled = dir.path().join("j.mqlite");
+    let plain = dir.path().join("p.mqlite");
+    let shared = dir.path().join("s.mqlite");
+    for (path, builder) in [
+        (&journaled, Database::builder()),
+        (&plain, Database::builder().journal(false).clone()),
+        (
+            &shared,
+            Database::builder()
+                .concurrency(mqlite::redb::ConcurrencyMode::MultiWriter)
+                .clone(),
+        ),
+    ] {
+        let db = builder.open(path).unwrap();
+        topic(&db, "t", Retention::default());
+        db.write(|txn| txn.publish("t", &Message::new("x")))
+            .unwrap();
+    }
+    assert!(starts(&journaled, b"mqlite-journal"));
+    assert!(starts(&plain, b"redb"));
+    assert!(starts(&shared, b"redb"));
+    // A setting at open does not change an existing file's layout.
+    for path in [&journaled, &plain] {
+        let db = Database::builder().journal(true).open(path).unwrap();
+        db.write(|txn| txn.publish("t", &Message::new("y")))
+            .unwrap();
+        assert_eq!(db.read(|r| r.topic_info("t")).unwrap().next_offset, 2);
+    }
+    assert!(starts(&plain, b"redb"));
+    // The journal's size is checked before anything is created.
+    let err = Database::builder()
+        .journal_size_bytes(1024)
+        .open(dir.path().join("tiny.mqlite"))
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
+    assert!(!dir.path().join("tiny.mqlite").exists());
+}

@@ -351,9 +351,11 @@ impl Model {
 }
 
 fn open(disk: &MemDisk) -> mqlite::Result<Database> {
-    // A fixed clock: leases never expire by themselves, so the model needs no time.
+    // A fixed clock: leases never expire by themselves, so the model needs no time. The
+    // smallest journal: the operations fill it often, so cuts land in checkpoints too.
     Database::builder()
         .clock(ManualClock::new(1_000))
+        .journal_size_bytes(64 << 10)
         .open_backend(disk.clone())
 }
 
