@@ -19,7 +19,7 @@ use crate::error::{Error, Result, open_error};
 use crate::inspect::Counters;
 use crate::journal::{self, Journal};
 use crate::schema::{self, FORMAT_VERSION, META, META_FORMAT, META_NEXT_ID};
-use crate::store::{Reopen, Storage, Store};
+use crate::store::{Opened, Reopen, Storage, Store};
 use crate::topic::{RETENTION_BATCH, RetentionReport, trim};
 use crate::txn::{ReadTransaction, WriteTransaction};
 
@@ -288,7 +288,7 @@ impl Builder {
         let plain = redb::backends::FileBackend::new(file).map_err(|e| open_error(e, path))?;
         match layout {
             Layout::Plain => Ok(Storage::owned(plain)),
-            Layout::Journaled => Ok(Storage::owned(Journal::open(
+            Layout::Journaled => Ok(Storage::journaled(Journal::open(
                 plain,
                 writable,
                 self.shares_file(),
@@ -301,11 +301,12 @@ impl Builder {
     }
 
     /// redb's writable handle on the existing file at `path`.
-    pub(crate) fn redb_open(&self, path: &Path) -> Result<redb::Database> {
+    pub(crate) fn redb_open(&self, path: &Path) -> Result<Opened> {
         let storage = self.file_storage(path, true)?;
-        self.redb_builder()
-            .create_with_backend(storage)
-            .map_err(|e| open_error(e, path))
+        Opened::on(storage, |storage| {
+            self.redb_builder().create_with_backend(storage)
+        })
+        .map_err(|e| open_error(e, path))
     }
 
     /// redb's read-only handle on the existing file at `path`.
@@ -422,22 +423,22 @@ impl Builder {
 
     /// redb's handle on a caller's backend: journaled when it is (or, empty, when new files
     /// are), plain otherwise.
-    fn redb_on(&self, backend: &Arc<dyn StorageBackend>) -> Result<redb::Database> {
+    fn redb_on(&self, backend: &Arc<dyn StorageBackend>) -> Result<Opened> {
         let lower = || Storage::shared(backend.clone());
         let len = backend.len()?;
-        let mut head = [0u8; journal::MAGIC_LEN];
-        let journaled = len >= head.len() as u64 && {
-            backend.read(0, &mut head)?;
-            journal::is_journaled(&head)
-        };
+        let mut head = vec![0u8; (journal::DETECT_LEN as u64).min(len) as usize];
+        backend.read(0, &mut head)?;
+        let journaled = !starts_as_redb(&head) && journal::is_journaled(&head);
         let storage = if journaled {
-            Storage::owned(Journal::open(lower(), true, self.shares_file()))
+            Storage::journaled(Journal::open(lower(), true, self.shares_file()))
         } else if len == 0 && self.journal_on() {
-            Storage::owned(Journal::create(lower(), self.journal_bytes)?)
+            Storage::journaled(Journal::create(lower(), self.journal_bytes)?)
         } else {
             lower()
         };
-        Ok(self.redb_builder().create_with_backend(storage)?)
+        Ok(Opened::on(storage, |storage| {
+            self.redb_builder().create_with_backend(storage)
+        })?)
     }
 
     /// Builds a new file under a temporary name and links it into place.
@@ -464,7 +465,7 @@ impl Builder {
                 .open(&temp)?;
             let plain = redb::backends::FileBackend::new(file).map_err(|e| open_error(e, &temp))?;
             let storage = if self.journal_on() {
-                Storage::owned(Journal::create(plain, self.journal_bytes)?)
+                Storage::journaled(Journal::create(plain, self.journal_bytes)?)
             } else {
                 Storage::owned(plain)
             };
@@ -517,7 +518,7 @@ impl Builder {
 
     fn finish_open(
         &self,
-        mut db: redb::Database,
+        mut opened: Opened,
         reopen: Reopen,
         path: Option<PathBuf>,
         init_if_empty: bool,
@@ -525,6 +526,7 @@ impl Builder {
         let verify = self
             .verify_on_open
             .unwrap_or(self.concurrency == redb::ConcurrencyMode::ExclusiveWriter);
+        let db = &mut opened.db;
         if verify && !db.check_integrity().map_err(Error::from)? {
             return Err(Error::corrupted(
                 "the integrity check found damaged pages; redb repaired the file to its last intact commit, which the next open will use",
@@ -535,13 +537,13 @@ impl Builder {
             let empty = txn.list_tables()?.next().is_none();
             drop(txn);
             if init_if_empty && empty {
-                init_schema(&db)?;
+                init_schema(db)?;
             }
             check_format(&db.begin_read()?, path.as_deref())?;
-            upgrade_format(&db)?;
+            upgrade_format(db)?;
         }
         let shared = Arc::new(Shared {
-            store: Store::new(db, reopen),
+            store: Store::new(opened, reopen),
             limits: self.limits,
             clock: self.clock.clone(),
             durability: self.durability,
@@ -633,8 +635,13 @@ pub(crate) enum Layout {
 
 /// Tells a plain redb file from a journaled one by its first bytes, before redb reads it;
 /// refuses any other file.
-pub(crate) fn check_magic(path: &Path) -> Result<Layout> {
+/// Whether `head` starts with redb's magic: a plain file.
+fn starts_as_redb(head: &[u8]) -> bool {
     const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+    head.starts_with(&REDB_MAGIC)
+}
+
+pub(crate) fn check_magic(path: &Path) -> Result<Layout> {
     let file = File::open(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => Error::NotMqliteFile {
             path: path.to_path_buf(),
@@ -642,14 +649,13 @@ pub(crate) fn check_magic(path: &Path) -> Result<Layout> {
         },
         _ => Error::Io(e),
     })?;
-    let mut head = Vec::with_capacity(journal::MAGIC_LEN);
-    file.take(journal::MAGIC_LEN as u64)
+    let mut head = Vec::with_capacity(journal::DETECT_LEN);
+    file.take(journal::DETECT_LEN as u64)
         .read_to_end(&mut head)?;
-    let read = head.len();
-    if journal::is_journaled(&head) {
-        Ok(Layout::Journaled)
-    } else if read >= REDB_MAGIC.len() && head[..REDB_MAGIC.len()] == REDB_MAGIC {
+    if starts_as_redb(&head) {
         Ok(Layout::Plain)
+    } else if journal::is_journaled(&head) {
+        Ok(Layout::Journaled)
     } else {
         Err(Error::NotMqliteFile {
             path: path.to_path_buf(),
@@ -769,12 +775,12 @@ impl Shared {
         Ok(())
     }
 
+    /// An empty durable commit: redb's header then names the newest relaxed commit. Its fsync
+    /// runs after redb's write lock is released, so relaxed writers never wait for it.
     fn flush(&self) -> Result<()> {
         let txn = self.store.begin_write()?;
         self.dirty.store(false, Ordering::Release);
-        let mut txn = txn;
-        txn.set_durability(redb::Durability::Immediate)?;
-        self.store.commit(txn)?;
+        self.store.commit_then_sync(txn)?;
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         tracing::trace!(target: "mqlite::commit", "flushed relaxed commits");
         Ok(())

@@ -479,6 +479,6 @@ impl Builder {
             });
         }
         drop(self.open(path)?);
-        self.redb_open(path)
+        self.redb_open(path).map(|opened| opened.db)
     }
 }

@@ -71,13 +71,16 @@ const RECORD_FIXED: usize = 48;
 /// Unsynced pages kept in memory before they go to the journal without an fsync.
 const PENDING_LIMIT_PAGES: usize = 1024;
 
-/// Whether the first bytes of a file are a journaled file's header.
+/// Whether the first bytes of a file (up to [`DETECT_LEN`]) are a journaled file's header:
+/// either slot's magic counts, since a new file writes slot 0 only at its first checkpoint and
+/// recovery survives one damaged slot.
 pub(crate) fn is_journaled(head: &[u8]) -> bool {
-    head.len() >= MAGIC.len() && head[..MAGIC.len()] == MAGIC
+    let magic_at = |at: usize| head.get(at..at + MAGIC.len()) == Some(&MAGIC[..]);
+    magic_at(0) || magic_at(PAGE as usize)
 }
 
-/// The bytes to read to tell a journaled file from a plain one.
-pub(crate) const MAGIC_LEN: usize = MAGIC.len();
+/// The bytes to read to tell a journaled file from a plain one: both header slots.
+pub(crate) const DETECT_LEN: usize = HEADER_BYTES as usize;
 
 type IoResult<T> = std::result::Result<T, io::Error>;
 
@@ -182,6 +185,11 @@ struct State {
     poisoned: bool,
     /// Shared with other processes: every access goes to the pages in place.
     direct: bool,
+    /// Records written since the journal was read, and how many of them an fsync covers. No
+    /// page goes in place while a record is unsynced: the pages in place are the state the
+    /// synced records apply to.
+    written: u64,
+    synced: u64,
 }
 
 impl State {
@@ -196,6 +204,8 @@ pub(crate) struct Journal<B: StorageBackend> {
     writable: bool,
     shared: bool,
     ready: AtomicBool,
+    /// Set around a commit whose fsync its caller makes afterwards, by [`Deferred::fsync`].
+    defer: AtomicBool,
     state: RwLock<State>,
 }
 
@@ -235,6 +245,7 @@ impl<B: StorageBackend> Journal<B> {
             writable,
             shared,
             ready: AtomicBool::new(false),
+            defer: AtomicBool::new(false),
             state: RwLock::new(State {
                 journal_bytes: 0,
                 generation: 0,
@@ -247,6 +258,8 @@ impl<B: StorageBackend> Journal<B> {
                 durable: Layer::default(),
                 poisoned: false,
                 direct: false,
+                written: 0,
+                synced: 0,
             }),
         }
     }
@@ -304,6 +317,9 @@ impl<B: StorageBackend> Journal<B> {
         }
         s.seq = seq;
         s.pos = pos;
+        // Records read back may be in the page cache only (the writer was killed before their
+        // fsync): the checkpoint syncs them before it puts any page in place.
+        s.written = seq;
         s.pending = Layer::new(s.len);
         if seq > 0 && self.writable {
             tracing::info!(target: "mqlite::store", records = seq, "replayed the journal");
@@ -450,7 +466,8 @@ impl<B: StorageBackend> Journal<B> {
         Ok(())
     }
 
-    /// Appends the pending pages as a record, fsyncing it when `durable`.
+    /// Appends the pending pages as a record, fsyncing it when `durable` (unless the caller
+    /// defers the fsync).
     fn sync_locked(&self, s: &mut State, durable: bool) -> IoResult<()> {
         if s.pending.pages.is_empty() && s.len == s.durable_len && s.pending.floor >= s.len {
             return Ok(());
@@ -483,8 +500,12 @@ impl<B: StorageBackend> Journal<B> {
         if let Err(e) = self.lower.write(HEADER_BYTES + s.pos, &record) {
             return Self::fail(s, e);
         }
-        if durable && let Err(e) = self.lower.sync_data() {
-            return Self::fail(s, e);
+        s.written += 1;
+        if durable && !self.defer.load(Ordering::Acquire) {
+            if let Err(e) = self.lower.sync_data() {
+                return Self::fail(s, e);
+            }
+            s.synced = s.written;
         }
         s.pos += size;
         s.seq += 1;
@@ -504,6 +525,10 @@ impl<B: StorageBackend> Journal<B> {
     }
 
     fn checkpoint_inner(&self, s: &mut State) -> IoResult<()> {
+        if s.synced < s.written {
+            self.lower.sync_data()?;
+            s.synced = s.written;
+        }
         self.put_in_place(s, &s.durable, s.durable_len)?;
         s.home_len = s.durable_len;
         s.durable = Layer::new(s.durable_len);
@@ -565,6 +590,45 @@ impl<B: StorageBackend> Journal<B> {
         s.durable = Layer::new(s.len);
         s.pending = Layer::new(s.len);
         Ok(())
+    }
+}
+
+/// The journal as the database holds it beside redb, for a durable commit that releases redb's
+/// write lock before its fsync: the flush of relaxed commits, which would otherwise hold up
+/// every writer for the length of an fsync.
+pub(crate) trait Deferred: Send + Sync + std::fmt::Debug {
+    /// While on, a sync writes its record and leaves the fsync to [`Deferred::fsync`].
+    fn defer_fsync(&self, on: bool);
+    /// Makes every record written so far durable. Holds no lock across the fsync, so commits
+    /// go on meanwhile (their records are covered by the next one).
+    fn fsync(&self) -> IoResult<()>;
+}
+
+impl<B: StorageBackend> Deferred for Journal<B> {
+    fn defer_fsync(&self, on: bool) {
+        self.defer.store(on, Ordering::Release);
+    }
+
+    fn fsync(&self) -> IoResult<()> {
+        let target = {
+            let s = self.state.read();
+            Self::check(&s)?;
+            if s.synced >= s.written {
+                return Ok(());
+            }
+            s.written
+        };
+        let synced = self.lower.sync_data();
+        let mut s = self.state.write();
+        match synced {
+            Ok(()) => {
+                s.synced = s.synced.max(target);
+                Ok(())
+            }
+            // After a failed fsync the kernel may have dropped the pages: trust nothing
+            // written since the last good one (redb reopens, which recovers from the file).
+            Err(e) => Self::fail(&mut s, e),
+        }
     }
 }
 

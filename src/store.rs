@@ -7,18 +7,40 @@
 //! opens the file (or backend) again, which runs redb's recovery, and goes on. Nothing
 //! acknowledged is lost: a commit either returned Ok before the failure, or failed.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 
 use crate::error::{Error, PREVIOUS_IO, Result, STORAGE_FAILURES, is_storage_failure};
+use crate::journal::Deferred;
 
 /// Opens the same file or backend again.
-pub(crate) type Reopen = Box<dyn Fn() -> Result<redb::Database> + Send + Sync>;
+pub(crate) type Reopen = Box<dyn Fn() -> Result<Opened> + Send + Sync>;
+
+/// A redb handle and the journal under it, when the file has one.
+pub(crate) struct Opened {
+    pub(crate) db: redb::Database,
+    pub(crate) journal: Option<Arc<dyn Deferred>>,
+}
+
+impl Opened {
+    /// redb's handle on `storage`, made by `create`, with the journal of `storage`.
+    pub(crate) fn on<E>(
+        storage: Storage,
+        create: impl FnOnce(Storage) -> std::result::Result<redb::Database, E>,
+    ) -> std::result::Result<Opened, E> {
+        let journal = storage.journal.clone();
+        Ok(Opened {
+            db: create(storage)?,
+            journal,
+        })
+    }
+}
 
 pub(crate) struct Store {
     /// `None` only between dropping a failed handle and a successful reopen.
-    db: RwLock<Option<redb::Database>>,
+    db: RwLock<Option<Opened>>,
     reopen: Reopen,
     /// A storage operation failed: reopen before the next transaction.
     failed: AtomicBool,
@@ -27,9 +49,9 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    pub(crate) fn new(db: redb::Database, reopen: Reopen) -> Self {
+    pub(crate) fn new(opened: Opened, reopen: Reopen) -> Self {
         Store {
-            db: RwLock::new(Some(db)),
+            db: RwLock::new(Some(opened)),
             reopen,
             failed: AtomicBool::new(false),
             failures_seen: AtomicU64::new(STORAGE_FAILURES.load(Ordering::Acquire)),
@@ -58,12 +80,32 @@ impl Store {
         })
     }
 
+    /// Commits `txn` durably, with the fsync after redb has released its write lock when the
+    /// file has a journal: other writers go on during the fsync instead of waiting for it.
+    /// Readers may see the commit before it is durable, as they see relaxed commits. On a plain
+    /// file, an ordinary durable commit.
+    pub(crate) fn commit_then_sync(&self, mut txn: redb::WriteTransaction) -> Result<()> {
+        txn.set_durability(redb::Durability::Immediate)?;
+        let journal = self.db.read().as_ref().and_then(|o| o.journal.clone());
+        let Some(journal) = journal else {
+            return self.commit(txn);
+        };
+        journal.defer_fsync(true);
+        let committed = self.commit(txn);
+        journal.defer_fsync(false);
+        committed?;
+        journal.fsync().map_err(|e| {
+            self.failed.store(true, Ordering::Release);
+            Error::from(e)
+        })
+    }
+
     fn with<T>(&self, begin: impl Fn(&redb::Database) -> Result<T>) -> Result<T> {
         self.probe();
         if !self.failed.load(Ordering::Acquire)
-            && let Some(db) = self.db.read().as_ref()
+            && let Some(opened) = self.db.read().as_ref()
         {
-            match begin(db) {
+            match begin(&opened.db) {
                 // A failed commit can also leave redb asking to be reopened for repair.
                 Err(e) if is_storage_failure(&e) || matches!(e, Error::Corrupted { .. }) => {
                     self.failed.store(true, Ordering::Release);
@@ -73,7 +115,7 @@ impl Store {
         }
         self.recover()?;
         match self.db.read().as_ref() {
-            Some(db) => begin(db),
+            Some(opened) => begin(&opened.db),
             None => Err(Error::Storage(PREVIOUS_IO.into())),
         }
     }
@@ -89,8 +131,8 @@ impl Store {
         {
             return;
         }
-        if let Some(db) = self.db.read().as_ref() {
-            match db.try_begin_write() {
+        if let Some(opened) = self.db.read().as_ref() {
+            match opened.db.try_begin_write() {
                 // Busy: the writer will meet the failure itself.
                 Ok(_) | Err(redb::TransactionError::WouldBlock) => {}
                 Err(_) => self.failed.store(true, Ordering::Release),
@@ -106,8 +148,7 @@ impl Store {
         // The old handle must be gone first: it holds the file's lock. A snapshot still alive
         // keeps it open, and the reopen fails until that snapshot is dropped.
         drop(slot.take());
-        let db = (self.reopen)()?;
-        *slot = Some(db);
+        *slot = Some((self.reopen)()?);
         self.failed.store(false, Ordering::Release);
         tracing::info!(target: "mqlite::store", "reopened the database after a storage failure");
         Ok(())
@@ -121,24 +162,38 @@ impl Store {
 /// not close it; a backend made for one handle is closed with it.
 #[derive(Debug)]
 pub(crate) struct Storage {
-    inner: std::sync::Arc<dyn redb::StorageBackend>,
+    inner: Arc<dyn redb::StorageBackend>,
     owned: bool,
+    /// `inner`, when it is a journal.
+    journal: Option<Arc<dyn Deferred>>,
 }
 
 impl Storage {
     /// A backend that lives as long as this handle.
     pub(crate) fn owned(backend: impl redb::StorageBackend) -> Self {
         Storage {
-            inner: std::sync::Arc::new(backend),
+            inner: Arc::new(backend),
             owned: true,
+            journal: None,
+        }
+    }
+
+    /// A journal that lives as long as this handle.
+    pub(crate) fn journaled<B: redb::StorageBackend>(journal: crate::journal::Journal<B>) -> Self {
+        let journal = Arc::new(journal);
+        Storage {
+            inner: journal.clone(),
+            owned: true,
+            journal: Some(journal),
         }
     }
 
     /// A backend that outlives this handle.
-    pub(crate) fn shared(backend: std::sync::Arc<dyn redb::StorageBackend>) -> Self {
+    pub(crate) fn shared(backend: Arc<dyn redb::StorageBackend>) -> Self {
         Storage {
             inner: backend,
             owned: false,
+            journal: None,
         }
     }
 }

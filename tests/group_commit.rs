@@ -248,3 +248,102 @@ fn relaxed_file_reopens_right_after_drop() {
     let db = mqlite::Database::open(&path).unwrap();
     assert_eq!(db.read(|r| r.topic_info("t")).unwrap().next_offset, 100);
 }
+
+/// A disk whose syncs wait while the test holds them: shows who waits for an fsync.
+#[derive(Debug, Clone)]
+struct HeldSyncs {
+    disk: SimDisk,
+    held: Arc<(parking_lot::Mutex<bool>, parking_lot::Condvar)>,
+    entered: Arc<parking_lot::Mutex<Option<std::sync::mpsc::Sender<()>>>>,
+}
+
+impl HeldSyncs {
+    fn hold(&self, on: bool) {
+        *self.held.0.lock() = on;
+        self.held.1.notify_all();
+    }
+}
+
+impl mqlite::redb::StorageBackend for HeldSyncs {
+    fn len(&self) -> std::io::Result<u64> {
+        self.disk.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.disk.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.disk.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        let mut held = self.held.0.lock();
+        if *held && let Some(tx) = self.entered.lock().as_ref() {
+            let _ = tx.send(());
+        }
+        while *held {
+            self.held.1.wait(&mut held);
+        }
+        drop(held);
+        self.disk.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.disk.write(offset, data)
+    }
+}
+
+/// The flush of relaxed commits fsyncs after redb's write lock is released: a relaxed writer
+/// commits while that fsync is still on the disk, and the flush covers the commits before it.
+#[test]
+fn relaxed_writers_do_not_wait_for_the_flushers_fsync() {
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let disk = HeldSyncs {
+        disk: SimDisk::new(),
+        held: Arc::default(),
+        entered: Arc::new(parking_lot::Mutex::new(Some(entered_tx))),
+    };
+    let db = mqlite::Database::builder()
+        .durability(mqlite::Durability::Relaxed)
+        .flush_interval_ms(3_600_000)
+        .open_backend(disk.clone())
+        .unwrap();
+    db.write(|txn| {
+        txn.create_topic("t", TopicConfig::default())?;
+        txn.publish("t", &Message::new("before the flush"))
+    })
+    .unwrap();
+    disk.hold(true);
+    let flusher = {
+        let db = db.clone();
+        std::thread::spawn(move || db.flush())
+    };
+    // Generous bounds: they tell a deadlock from a slow machine, they time nothing.
+    let wait = std::time::Duration::from_secs(30);
+    entered
+        .recv_timeout(wait)
+        .expect("the flush reached its fsync");
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let writer = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            let r = db.write(|txn| txn.publish("t", &Message::new("during the fsync")));
+            let _ = done_tx.send(());
+            r
+        })
+    };
+    let committed = done.recv_timeout(wait);
+    disk.hold(false);
+    assert!(
+        committed.is_ok(),
+        "a relaxed writer waited for the flusher's fsync"
+    );
+    assert_eq!(writer.join().unwrap().unwrap(), 1);
+    flusher.join().unwrap().unwrap();
+    // What the flush covered survives a power cut now; the later commit may or may not.
+    let image = disk.disk.crash_image(&mut common::Rng::new(7));
+    drop(db);
+    let db = mqlite::Database::builder()
+        .open_backend(SimDisk::from_image(image))
+        .unwrap();
+    let records = db.read(|r| r.read_topic("t", 0, 10)).unwrap();
+    assert!(!records.is_empty(), "the flushed commit was lost");
+    assert_eq!(records[0].message.payload, b"before the flush");
+}
