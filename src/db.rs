@@ -34,7 +34,10 @@ pub enum Durability {
     /// cut once the next durable point passes: [`Database::flush`], a later `Immediate`
     /// commit, or the flusher, which runs every
     /// [`Builder::flush_interval_ms`] (default 10 ms). A power cut may lose the commits of the
-    /// last interval, always a whole number of commits in commit order.
+    /// last interval, always a whole number of commits in commit order. On a journaled file
+    /// the flush's fsync runs after the write lock is released, so writers do not wait for it
+    /// (and readers may see a flushed commit a moment before it is on disk, as they see every
+    /// relaxed commit before it is).
     Relaxed,
 }
 
@@ -633,14 +636,14 @@ pub(crate) enum Layout {
     Journaled,
 }
 
-/// Tells a plain redb file from a journaled one by its first bytes, before redb reads it;
-/// refuses any other file.
 /// Whether `head` starts with redb's magic: a plain file.
 fn starts_as_redb(head: &[u8]) -> bool {
     const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
     head.starts_with(&REDB_MAGIC)
 }
 
+/// Tells a plain redb file from a journaled one by its first bytes, before redb reads it;
+/// refuses any other file.
 pub(crate) fn check_magic(path: &Path) -> Result<Layout> {
     let file = File::open(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => Error::NotMqliteFile {

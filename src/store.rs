@@ -90,10 +90,12 @@ impl Store {
         let Some(journal) = journal else {
             return self.commit(txn);
         };
-        journal.defer_fsync(true);
-        let committed = self.commit(txn);
-        journal.defer_fsync(false);
-        committed?;
+        {
+            // Off again however the commit ends, a panic included: a deferral left on would
+            // make every later durable commit return before its fsync.
+            let _deferred = DeferGuard::on(&*journal);
+            self.commit(txn)?;
+        }
         journal.fsync().map_err(|e| {
             self.failed.store(true, Ordering::Release);
             Error::from(e)
@@ -152,6 +154,22 @@ impl Store {
         self.failed.store(false, Ordering::Release);
         tracing::info!(target: "mqlite::store", "reopened the database after a storage failure");
         Ok(())
+    }
+}
+
+/// Defers the journal's fsync while alive.
+struct DeferGuard<'a>(&'a dyn Deferred);
+
+impl<'a> DeferGuard<'a> {
+    fn on(journal: &'a dyn Deferred) -> Self {
+        journal.defer_fsync(true);
+        DeferGuard(journal)
+    }
+}
+
+impl Drop for DeferGuard<'_> {
+    fn drop(&mut self) {
+        self.0.defer_fsync(false);
     }
 }
 
