@@ -221,13 +221,13 @@ impl Builder {
         self
     }
 
-    /// Whether a file this builder creates gets a write-ahead journal: a 4 MiB region at the
+    /// Whether a file this builder creates gets a write-ahead journal: a 2 MiB region at the
     /// front of the file where each durable commit is appended as one sequential write and one
     /// fsync, instead of redb writing its pages in their places (about eight scattered pages
     /// for a one-message commit) before its fsync. The pages are copied to their places later,
     /// many commits at a time (a *checkpoint*: when the region is full, at close, and when the
     /// file is next opened after a crash). Measured on this project's machines: a one-message
-    /// durable commit takes about half the time. The file grows by the 4 MiB region.
+    /// durable commit takes about half the time. The file grows by the 2 MiB region.
     ///
     /// Default **on** in the default `ExclusiveWriter` mode, off in `SingleWriter` and
     /// `MultiWriter`. The journal serves one process: a journaled file opened in a shared mode
@@ -254,11 +254,14 @@ impl Builder {
         self
     }
 
-    /// The size of the journal region of a file this builder creates. Default 4 MiB; at
+    /// The size of the journal region of a file this builder creates. Default 2 MiB; at
     /// least 16 KiB and at most 1 GiB, rounded up to 4 KiB (else [`Error::InvalidConfig`] at
     /// open). A larger region checkpoints less often and costs as much file space and, at
     /// most, as much memory; a durable commit larger than the region is written in place,
-    /// as on a plain file. Existing files keep the size they were created with.
+    /// as on a plain file. Existing files keep the size they were created with. Measured on
+    /// this project's machines: 1, 2 and 4 MiB regions gave the same durable commit rates
+    /// (one message, or 1 000, a commit) within the run's noise, on a fresh file and on a
+    /// 276 MiB one, so the default takes the smaller file.
     ///
     /// # Examples
     ///

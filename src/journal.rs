@@ -58,7 +58,7 @@ const PAGE: u64 = 4096;
 /// The two header slots.
 const HEADER_BYTES: u64 = 2 * PAGE;
 /// The journal size of a new file. A record larger than this is written in place instead.
-pub(crate) const DEFAULT_JOURNAL_BYTES: u64 = 4 << 20;
+pub(crate) const DEFAULT_JOURNAL_BYTES: u64 = 2 << 20;
 /// The largest region a header may name (the builder's bound too).
 pub(crate) const MAX_JOURNAL_BYTES: u64 = 1 << 30;
 /// The largest file length a record may name: far beyond any real file, and small enough that
