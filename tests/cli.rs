@@ -428,8 +428,13 @@ fn check_and_compact() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("app.mqlite");
+    // A region of the test's own size, so that it knows where redb's pages start.
+    let region = 1 << 20;
     {
-        let db = Database::open(&path).unwrap();
+        let db = Database::builder()
+            .journal_size_bytes(region)
+            .open(&path)
+            .unwrap();
         populate(&db);
         db.write(|txn| {
             txn.create_topic("bulk", TopicConfig::default())?;
@@ -457,7 +462,7 @@ fn check_and_compact() {
     let bytes = std::fs::read(&path).unwrap();
     // redb's pages start after the journal's header slots and region (docs/format.md).
     assert!(bytes.starts_with(b"mqlite-journal"));
-    let home = 8192 + (2 << 20); // the default region
+    let home = 8192 + region as usize;
     let mut caught = false;
     for at in (home + 4096..bytes.len()).step_by(997).take(40) {
         let mut damaged = bytes.clone();
