@@ -7,7 +7,7 @@ use std::io;
 use std::sync::Arc;
 
 use mqlite::redb::StorageBackend;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 /// splitmix64: small, seedable, good enough to drive tests.
 #[derive(Clone, Debug)]
@@ -58,6 +58,12 @@ struct Disk {
     quota: Option<u64>,
     /// Completed syncs.
     syncs: u64,
+    /// The next sync waits for [`SimDisk::resume_sync`] before it takes effect; `sync_paused`
+    /// while it waits.
+    pause_next_sync: bool,
+    sync_paused: bool,
+    /// The power goes as the next sync begins.
+    crash_at_next_sync: bool,
     /// How long a sync takes (a slow disk), in microseconds.
     sync_latency_us: u64,
 }
@@ -68,6 +74,8 @@ struct Disk {
 #[derive(Debug, Clone, Default)]
 pub struct SimDisk {
     disk: Arc<Mutex<Disk>>,
+    /// Signals a paused sync's changes of state.
+    paused: Arc<Condvar>,
 }
 
 const SECTOR: usize = 512;
@@ -107,6 +115,30 @@ impl SimDisk {
 
     pub fn set_quota(&self, bytes: Option<u64>) {
         self.disk.lock().quota = bytes;
+    }
+
+    /// Holds the next sync, before it makes anything durable, until [`SimDisk::resume_sync`]:
+    /// a disk flush that is still in flight while other threads go on.
+    pub fn pause_next_sync(&self) {
+        self.disk.lock().pause_next_sync = true;
+    }
+
+    /// Waits until a sync is held by [`SimDisk::pause_next_sync`].
+    pub fn wait_for_paused_sync(&self) {
+        let mut d = self.disk.lock();
+        while !d.sync_paused {
+            self.paused.wait(&mut d);
+        }
+    }
+
+    pub fn resume_sync(&self) {
+        self.disk.lock().sync_paused = false;
+        self.paused.notify_all();
+    }
+
+    /// The power goes as the next sync begins: nothing it would have covered becomes durable.
+    pub fn crash_at_next_sync(&self) {
+        self.disk.lock().crash_at_next_sync = true;
     }
 
     pub fn syncs(&self) -> u64 {
@@ -224,7 +256,22 @@ impl StorageBackend for SimDisk {
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {
-        let latency = self.disk.lock().sync_latency_us;
+        let latency = {
+            let mut d = self.disk.lock();
+            if d.pause_next_sync {
+                d.pause_next_sync = false;
+                d.sync_paused = true;
+                self.paused.notify_all();
+                while d.sync_paused {
+                    self.paused.wait(&mut d);
+                }
+            }
+            if d.crash_at_next_sync && !d.crashed {
+                d.crashed = true;
+                return Err(io_err("simulated power cut"));
+            }
+            d.sync_latency_us
+        };
         if latency > 0 {
             std::thread::sleep(std::time::Duration::from_micros(latency));
         }
