@@ -19,13 +19,19 @@
 //! 8 KiB + J      ...        redb's file, byte for byte as it would be on its own
 //! ```
 //!
-//! A header slot: magic (16 bytes), version u32, crc32c u32 (of the slot's 48 bytes, this field
-//! zero), journal size J u64, counter u64 (the journal's generation), all little-endian.
+//! A header slot: magic (16 bytes), version u32 (2; 1 is read), crc32c u32 (of the slot's 48
+//! bytes, this field zero), journal size J u64, counter u64 (the journal's generation), all
+//! little-endian.
 //!
-//! A record: magic (8), generation u64, sequence u64 (0 for the first record of a generation),
-//! the logical length after it u64, the smallest logical length since the previous record u64
-//! (a shrink followed by growth reads as zeros), page count n u32, crc32c u32 (of the whole
-//! record, this field zero), n page numbers u64; padded to 4 KiB; then n page images of 4 KiB.
+//! A record: magic (8, `mqjrec02`), generation u64, sequence u64 (0 for the first record of a
+//! generation), the logical length after it u64, the smallest logical length since the
+//! previous record u64 (a shrink followed by growth reads as zeros), page count n u32, crc32c
+//! u32 (of the whole record, this field zero), n entries of page number u64, start u32 and
+//! length u32, then each entry's bytes, packed, and zero padding to 4 KiB. An entry of 4 096
+//! bytes is the page whole; a shorter one patches the page's image in an earlier record of the
+//! chain (a commit rewrites whole pages but changes a small part of most of them). A version 1
+//! record (`mqjrec01`, written by builds before patches) has page numbers only, padding to
+//! 4 KiB, and every image whole.
 //!
 //! Recovery reads the chain of records of the header's generation from the start of the
 //! region, stopping at the first record that fails its checksum, breaks the sequence or
@@ -33,9 +39,11 @@
 //! returned). The chain is then checkpointed. A checkpoint writes the pages in place, fsyncs,
 //! then writes the next generation into the older header slot and fsyncs again: records of the
 //! old generation are from then on ignored, and the new generation's first record is written
-//! only after that. So every state a crash can leave is the last synced state plus, at most,
-//! a part of the writes after it, which is the state redb is built to recover from on a plain
-//! file; and in the common case it is exactly the last synced state.
+//! only after that; a writable open starts a new generation too, so that records a crash left
+//! past a torn one can never join a later chain. So every state a crash can leave is the last
+//! synced state plus, at most, a part of the writes after it, which is the state redb is built
+//! to recover from on a plain file; and in the common case it is exactly the last synced
+//! state.
 //!
 //! The journal serves one process. In the shared concurrency modes, where other processes
 //! read and write the file too, the handle first checkpoints what an earlier exclusive writer
@@ -65,11 +73,20 @@ pub(crate) const MAX_JOURNAL_BYTES: u64 = 1 << 30;
 /// no offset computed from it overflows.
 const MAX_LEN: u64 = 1 << 52;
 const MAGIC: [u8; 16] = *b"mqlite-journal\r\n";
-const VERSION: u32 = 1;
-const RECORD_MAGIC: [u8; 8] = *b"mqjrec01";
+/// The header version written: 2, whose records may patch pages. Version 1 (whole pages
+/// only) is read; a build that knows only version 1 refuses a version 2 header instead of
+/// skipping records it cannot read.
+const VERSION: u32 = 2;
+const RECORD_MAGIC: [u8; 8] = *b"mqjrec02";
+/// Version 1 records (every page image whole), as builds before patches wrote them.
+const RECORD_MAGIC_1: [u8; 8] = *b"mqjrec01";
+/// A version 2 record's entry per page: page number u64, start u32, length u32.
+const ENTRY_BYTES: u64 = 16;
 const RECORD_FIXED: usize = 48;
 /// Unsynced pages kept in memory before they go to the journal without an fsync.
 const PENDING_LIMIT_PAGES: usize = 1024;
+/// The largest record buffer kept for the next sync.
+const RECORD_BUFFER_BYTES: usize = 1 << 20;
 
 /// Whether the first bytes of a file (up to [`DETECT_LEN`]) are a journaled file's header:
 /// either slot's magic counts, since a new file writes slot 0 only at its first checkpoint and
@@ -107,9 +124,26 @@ fn align(n: u64) -> u64 {
     n.div_ceil(PAGE) * PAGE
 }
 
+/// The bytes of a page that differ between two images, as `start..end`; `None` when none do.
+fn changed(new: &[u8], old: &[u8]) -> Option<(usize, usize)> {
+    // Blocks first (slice comparison is a memcmp), then bytes inside the two outer blocks.
+    const BLOCK: usize = 64;
+    let block = |i: usize| i * BLOCK..(i + 1) * BLOCK;
+    let blocks = new.len() / BLOCK;
+    let first = (0..blocks).find(|&i| new[block(i)] != old[block(i)])?;
+    let last = (first..blocks)
+        .rev()
+        .find(|&i| new[block(i)] != old[block(i)])
+        .unwrap_or(first);
+    let differs = |i: usize| new[i] != old[i];
+    let start = block(first).find(|&i| differs(i)).unwrap_or(first * BLOCK);
+    let end = block(last).rev().find(|&i| differs(i)).unwrap_or(start) + 1;
+    Some((start, end))
+}
+
 /// A header slot as read: `None` when it fails its checks.
 fn parse_slot(b: &[u8]) -> Option<(u64, u64)> {
-    if b[..16] != MAGIC || le_u32(b, 16) != VERSION {
+    if b[..16] != MAGIC || !(1..=VERSION).contains(&le_u32(b, 16)) {
         return None;
     }
     let mut copy = b[..48].to_vec();
@@ -183,6 +217,10 @@ struct State {
     durable: Layer,
     /// A write to the storage failed: refuse the rest (redb reopens, which recovers).
     poisoned: bool,
+    /// The buffer records are built in, kept between syncs: a commit's record is tens of
+    /// KiB, and allocating and freeing that much each commit costs the allocator more than
+    /// the copy into it.
+    record: Vec<u8>,
     /// Shared with other processes: every access goes to the pages in place.
     direct: bool,
     /// Records written since the journal was read, and how many of them an fsync covers. No
@@ -257,6 +295,7 @@ impl<B: StorageBackend> Journal<B> {
                 pending: Layer::default(),
                 durable: Layer::default(),
                 poisoned: false,
+                record: Vec::new(),
                 direct: false,
                 written: 0,
                 synced: 0,
@@ -300,12 +339,12 @@ impl<B: StorageBackend> Journal<B> {
         // the next generation: they prove that slot's counter.
         let accept = |g: u64| g == generation || (one_damaged && g == generation + 1);
         let (mut pos, mut seq, mut chain) = (0u64, 0u64, None);
-        while let Some((g, size, len, layer)) = self.read_record(s, pos, seq)? {
-            match chain {
-                None if accept(g) => chain = Some(g),
-                Some(c) if c == g => {}
-                _ => break,
-            }
+        loop {
+            let want = |g: u64| chain.map_or(accept(g), |c| c == g);
+            let Some((g, size, len, layer)) = self.read_record(s, pos, seq, want)? else {
+                break;
+            };
+            chain = Some(g);
             s.durable.absorb(layer, s.durable_len);
             s.durable_len = len;
             s.len = len;
@@ -328,37 +367,75 @@ impl<B: StorageBackend> Journal<B> {
             return Err(damaged(
                 "the journal holds commits not yet in place; open the file for writing once to recover it",
             ));
+        } else if self.writable && !self.shared {
+            // Records of this generation may lie past a first one that a power cut tore (both
+            // unsynced, landed out of order): this process's records start a new generation,
+            // so that none of those can ever join their chain.
+            self.next_generation(s)?;
         }
         s.direct = self.shared;
         Ok(())
     }
 
-    /// The record at `pos`, if it is whole and is number `seq` of a generation.
+    /// The record at `pos`, if it is whole, is number `seq` and belongs to a generation `want`
+    /// takes. A version 2 record's patches apply to the pages of the records before it in the
+    /// chain, which recovery has gathered in `s.durable`.
     fn read_record(
         &self,
         s: &State,
         pos: u64,
         seq: u64,
+        want: impl Fn(u64) -> bool,
     ) -> IoResult<Option<(u64, u64, u64, Layer)>> {
         if pos + PAGE > s.journal_bytes {
             return Ok(None);
         }
-        let mut first = vec![0u8; PAGE as usize];
-        self.lower.read(HEADER_BYTES + pos, &mut first)?;
-        if first[..8] != RECORD_MAGIC || le_u64(&first, 16) != seq {
+        let room = s.journal_bytes - pos;
+        let mut record = vec![0u8; PAGE as usize];
+        self.lower.read(HEADER_BYTES + pos, &mut record)?;
+        let patched = if record[..8] == RECORD_MAGIC {
+            true
+        } else if record[..8] == RECORD_MAGIC_1 {
+            false
+        } else {
+            return Ok(None);
+        };
+        if le_u64(&record, 16) != seq {
             return Ok(None);
         }
-        let count = u64::from(le_u32(&first, 40));
-        let size = align(RECORD_FIXED as u64 + 8 * count) + count * PAGE;
-        if pos + size > s.journal_bytes {
+        let count = le_u32(&record, 40) as usize;
+        let entry_bytes = if patched { ENTRY_BYTES as usize } else { 8 };
+        let lists = RECORD_FIXED as u64 + (entry_bytes * count) as u64;
+        if align(lists) > room {
             return Ok(None);
         }
-        let mut record = first;
-        record.resize(size as usize, 0);
-        if size > PAGE {
-            self.lower
-                .read(HEADER_BYTES + pos + PAGE, &mut record[PAGE as usize..])?;
+        self.read_more(pos, &mut record, align(lists))?;
+        // Entry `i`: its page, and where in the page its bytes go and how many there are.
+        let entry = |record: &[u8], i: usize| {
+            let at = RECORD_FIXED + entry_bytes * i;
+            let page = le_u64(record, at);
+            if patched {
+                let start = u64::from(le_u32(record, at + 8));
+                (page, start, u64::from(le_u32(record, at + 12)))
+            } else {
+                (page, 0, PAGE)
+            }
+        };
+        let mut bytes = 0u64;
+        for i in 0..count {
+            let (_, start, n) = entry(&record, i);
+            if start + n > PAGE {
+                return Ok(None);
+            }
+            bytes += n;
         }
+        // Version 1 put the images on a page boundary; version 2 packs them after the list.
+        let images = if patched { lists } else { align(lists) };
+        let size = align(images + bytes);
+        if size > room {
+            return Ok(None);
+        }
+        self.read_more(pos, &mut record, size)?;
         let stored = le_u32(&record, 44);
         record[44..48].fill(0);
         if crc32c::crc32c(&record) != stored {
@@ -366,22 +443,44 @@ impl<B: StorageBackend> Journal<B> {
         }
         let (generation, len, floor) =
             (le_u64(&record, 8), le_u64(&record, 24), le_u64(&record, 32));
-        if len > MAX_LEN {
+        if len > MAX_LEN || !want(generation) {
             return Ok(None);
         }
-        let images = align(RECORD_FIXED as u64 + 8 * count) as usize;
         let mut layer = Layer::new(floor.min(len));
-        for i in 0..count as usize {
-            let page = le_u64(&record, RECORD_FIXED + 8 * i);
+        let mut at = images as usize;
+        for i in 0..count {
+            let (page, start, n) = entry(&record, i);
             if page > len / PAGE {
                 return Ok(None);
             }
-            let at = images + i * PAGE as usize;
-            layer
-                .pages
-                .insert(page, record[at..at + PAGE as usize].into());
+            let (start, n) = (start as usize, n as usize);
+            let bytes = &record[at..at + n];
+            at += n;
+            let image: Image = if n == PAGE as usize {
+                bytes.into()
+            } else {
+                // The writer patches only pages an earlier record of the chain holds.
+                let Some(base) = s.durable.pages.get(&page) else {
+                    return Err(damaged("a record patches a page no earlier record holds"));
+                };
+                let mut image = base.clone();
+                image[start..start + n].copy_from_slice(bytes);
+                image
+            };
+            layer.pages.insert(page, image);
         }
         Ok(Some((generation, size, len, layer)))
+    }
+
+    /// Reads the record at `pos` on, from what `record` holds up to `size` bytes.
+    fn read_more(&self, pos: u64, record: &mut Vec<u8>, size: u64) -> IoResult<()> {
+        let have = record.len();
+        if size as usize > have {
+            record.resize(size as usize, 0);
+            self.lower
+                .read(HEADER_BYTES + pos + have as u64, &mut record[have..])?;
+        }
+        Ok(())
     }
 
     /// Copies one page as redb would read it now into `out` (whole page).
@@ -474,30 +573,55 @@ impl<B: StorageBackend> Journal<B> {
         }
         let mut pages: Vec<u64> = s.pending.pages.keys().copied().collect();
         pages.sort_unstable();
-        let lists = align(RECORD_FIXED as u64 + 8 * pages.len() as u64);
-        let size = lists + pages.len() as u64 * PAGE;
+        // Each page as the bytes that differ from its image in an earlier record of this
+        // generation, when there is one: a commit rewrites whole pages but changes a few
+        // hundred bytes of most of them (redb's header, its allocator state, branch pages).
+        let mut patches = Vec::with_capacity(pages.len());
+        let mut bytes = 0u64;
+        for &p in &pages {
+            let (start, end) = match s.durable.pages.get(&p) {
+                Some(old) => changed(&s.pending.pages[&p], old).unwrap_or((0, 0)),
+                None => (0, PAGE as usize),
+            };
+            bytes += (end - start) as u64;
+            patches.push((p, start, end));
+        }
+        let lists = RECORD_FIXED as u64 + ENTRY_BYTES * pages.len() as u64;
+        let size = align(lists + bytes);
         if size > s.journal_bytes {
             return self.write_in_place(s);
         }
         if s.pos + size > s.journal_bytes {
             self.checkpoint(s)?;
+            // The checkpoint emptied the layer the patches were taken against.
+            return self.sync_locked(s, durable);
         }
-        let mut record = vec![0u8; size as usize];
+        let mut record = std::mem::take(&mut s.record);
+        record.clear();
+        record.resize(size as usize, 0);
         record[..8].copy_from_slice(&RECORD_MAGIC);
         record[8..16].copy_from_slice(&s.generation.to_le_bytes());
         record[16..24].copy_from_slice(&s.seq.to_le_bytes());
         record[24..32].copy_from_slice(&s.len.to_le_bytes());
         record[32..40].copy_from_slice(&s.pending.floor.to_le_bytes());
         record[40..44].copy_from_slice(&(pages.len() as u32).to_le_bytes());
-        for (i, p) in pages.iter().enumerate() {
-            let at = RECORD_FIXED + 8 * i;
+        let mut img = lists as usize;
+        for (i, &(p, start, end)) in patches.iter().enumerate() {
+            let at = RECORD_FIXED + ENTRY_BYTES as usize * i;
             record[at..at + 8].copy_from_slice(&p.to_le_bytes());
-            let img = lists as usize + i * PAGE as usize;
-            record[img..img + PAGE as usize].copy_from_slice(&s.pending.pages[p]);
+            record[at + 8..at + 12].copy_from_slice(&(start as u32).to_le_bytes());
+            record[at + 12..at + 16].copy_from_slice(&((end - start) as u32).to_le_bytes());
+            record[img..img + end - start].copy_from_slice(&s.pending.pages[&p][start..end]);
+            img += end - start;
         }
         let crc = crc32c::crc32c(&record);
         record[44..48].copy_from_slice(&crc.to_le_bytes());
-        if let Err(e) = self.lower.write(HEADER_BYTES + s.pos, &record) {
+        let written = self.lower.write(HEADER_BYTES + s.pos, &record);
+        // Kept for the next sync, unless an unusually large one grew it.
+        if record.capacity() <= RECORD_BUFFER_BYTES {
+            s.record = record;
+        }
+        if let Err(e) = written {
             return Self::fail(s, e);
         }
         s.written += 1;
@@ -536,6 +660,12 @@ impl<B: StorageBackend> Journal<B> {
         self.put_in_place(s, &s.durable, s.durable_len)?;
         s.home_len = s.durable_len;
         s.durable = Layer::new(s.durable_len);
+        self.next_generation(s)
+    }
+
+    /// Starts the next generation: the older header slot names it, synced before any record
+    /// of it is written.
+    fn next_generation(&self, s: &mut State) -> IoResult<()> {
         let next = s.generation + 1;
         self.lower
             .write((next % 2) * PAGE, &encode_slot(s.journal_bytes, next))?;
@@ -702,15 +832,15 @@ impl<B: StorageBackend> StorageBackend for Journal<B> {
             let in_page = (at % PAGE) as usize;
             let n = ((PAGE as usize - in_page) as u64).min(end - at) as usize;
             let src = (at - offset) as usize;
-            if !s.pending.pages.contains_key(&p) {
-                let mut img = vec![0u8; PAGE as usize];
-                if n < PAGE as usize {
-                    self.visible(&s, p, &mut img)?;
-                }
-                s.pending.pages.insert(p, img.into());
-            }
             if let Some(img) = s.pending.pages.get_mut(&p) {
                 img[in_page..in_page + n].copy_from_slice(&data[src..src + n]);
+            } else if n == PAGE as usize {
+                s.pending.pages.insert(p, data[src..src + n].into());
+            } else {
+                let mut img = vec![0u8; PAGE as usize];
+                self.visible(&s, p, &mut img)?;
+                img[in_page..in_page + n].copy_from_slice(&data[src..src + n]);
+                s.pending.pages.insert(p, img.into());
             }
             at += n as u64;
         }
@@ -819,8 +949,52 @@ mod tests {
         assert_eq!(&bytes[100..105], b"hello");
         assert_eq!(&bytes[PAGE as usize - 2..][..6], b"across");
         assert_eq!(&bytes[2 * PAGE as usize..][..4], [0; 4]);
-        // The reopen replayed one record and checkpointed it: generation 2, nothing pending.
-        assert_eq!(state(&after), (2, 0, 0));
+        // The first open started generation 2; the reopen replayed its one record and
+        // checkpointed it: generation 3, nothing pending.
+        assert_eq!(state(&after), (3, 0, 0));
+    }
+
+    #[test]
+    fn version_1_records_are_replayed() {
+        let d = disk();
+        drop(create(&d, 64 * PAGE)); // generation 1, never opened
+        // A record as builds before patches wrote it: the page list padded to a page, then
+        // each image whole.
+        let mut record = vec![0u8; 2 * PAGE as usize];
+        record[..8].copy_from_slice(&RECORD_MAGIC_1);
+        record[8..16].copy_from_slice(&1u64.to_le_bytes()); // generation; sequence 0
+        record[24..32].copy_from_slice(&PAGE.to_le_bytes()); // length; floor 0
+        record[40..44].copy_from_slice(&1u32.to_le_bytes()); // one page: page 0
+        record[PAGE as usize..][..5].copy_from_slice(b"v1-ok");
+        let crc = crc32c::crc32c(&record);
+        record[44..48].copy_from_slice(&crc.to_le_bytes());
+        d.write(HEADER_BYTES, &record).unwrap();
+        let j = reopen(&d);
+        assert_eq!(&contents(&j)[..5], b"v1-ok");
+        // Replayed and checkpointed: the page is in place.
+        assert_eq!(state(&j), (2, 0, 0));
+    }
+
+    #[test]
+    fn records_past_a_torn_first_record_never_join_a_later_chain() {
+        let d = disk();
+        let j = create(&d, 64 * PAGE);
+        j.set_len(PAGE).unwrap();
+        j.write(0, b"old-0").unwrap();
+        j.sync_data().unwrap(); // the page whole: two pages of journal
+        j.write(0, b"old-1").unwrap();
+        j.sync_data().unwrap(); // a patch of it, at two pages in
+        // The power went with the first record torn and the second whole (say both were
+        // unsynced and landed out of order).
+        d.write(HEADER_BYTES + 100, b"x").unwrap();
+        let j = reopen(&d);
+        assert!(contents(&j).is_empty());
+        // The next first record is as large as the torn one, so the stale second record
+        // follows it where a second record of its chain would.
+        j.set_len(PAGE).unwrap();
+        j.write(0, b"new-0").unwrap();
+        j.sync_data().unwrap();
+        assert_eq!(&contents(&reopen(&d))[..5], b"new-0");
     }
 
     #[test]
@@ -897,8 +1071,10 @@ mod tests {
         j.write(0, b"third").unwrap();
         j.sync_data().unwrap();
         // Damage the second record: recovery keeps the first and stops there.
+        // The first record holds the page whole (two pages of journal), the second patches it.
         let second = HEADER_BYTES + 2 * PAGE;
-        d.write(second + PAGE + 3, b"x").unwrap();
+        d.write(second + RECORD_FIXED as u64 + ENTRY_BYTES, b"x")
+            .unwrap();
         assert_eq!(&contents(&reopen(&d))[..5], b"again");
     }
 
