@@ -148,6 +148,15 @@ pub enum Error {
         /// The path opened.
         path: PathBuf,
     },
+    /// A read-only open found a file that its last writer did not close (the process crashed
+    /// or was killed). Its commits are there, but putting the file in order after a crash
+    /// takes a write: open it writable once ([`Database::open`](crate::Database::open)), then
+    /// read-only opens work again. Nothing was changed.
+    #[error("{path} was not closed by its last writer: open it writable once to recover it")]
+    NeedsRecovery {
+        /// The path opened.
+        path: PathBuf,
+    },
     /// Stored bytes failed their checksum or do not decode. The bytes were not returned.
     #[error("corrupted data in {location}")]
     Corrupted {
@@ -273,6 +282,10 @@ via_redb_error!(
 pub(crate) fn open_error(err: redb::DatabaseError, path: &std::path::Path) -> Error {
     match err {
         redb::DatabaseError::DatabaseAlreadyOpen => Error::AlreadyOpen {
+            path: path.to_path_buf(),
+        },
+        // Only a read-only open aborts a repair: a writable one repairs.
+        redb::DatabaseError::RepairAborted => Error::NeedsRecovery {
             path: path.to_path_buf(),
         },
         other => Error::from(other),

@@ -377,6 +377,7 @@ impl Builder {
     /// # Errors
     ///
     /// [`Error::AlreadyOpen`] when a writer holds the file in a conflicting mode,
+    /// [`Error::NeedsRecovery`] when its last writer did not close it (crashed),
     /// [`Error::NotMqliteFile`], [`Error::FormatTooNew`], [`Error::Io`].
     ///
     /// # Examples

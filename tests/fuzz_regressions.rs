@@ -42,8 +42,13 @@ fn routing_pattern() {
 
 #[test]
 fn open_file() {
-    let found = inputs("open_file");
+    let mut found = inputs("open_file");
     assert!(!found.is_empty(), "the seed file is missing");
+    // The test fixtures (files of older formats, a journal left by a crash) are seeds too.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    for entry in std::fs::read_dir(fixtures).unwrap() {
+        found.push(std::fs::read(entry.unwrap().path()).unwrap());
+    }
     for input in &found {
         fuzz_checks::open_file(input);
     }

@@ -1072,6 +1072,52 @@ fn a_format_2_file_is_read_and_upgraded_and_its_batches_read_beside_dense_ones()
     assert_eq!(again.begin_read().unwrap().format_version().unwrap(), 3);
 }
 
+/// `tests/data/journal2-crashed.mqlite` was left by a process that stopped without closing,
+/// its commits still in the journal as version 2 records (the first whole, the later ones
+/// patching its pages): topic `t` holds three publishes of 20 bytes `[i; 20]` with key `k`,
+/// queue `q` three messages of `[i; 10]`.
+#[test]
+fn a_journal_a_crash_left_is_recovered_by_a_writable_open_and_refused_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crashed.mqlite");
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/journal2-crashed.mqlite"
+        ),
+        &path,
+    )
+    .unwrap();
+    let untouched = std::fs::read(&path).unwrap();
+    let check = |r: mqlite::ReadTransaction| {
+        let records = r.read_topic("t", 0, 10).unwrap();
+        let payloads: Vec<Vec<u8>> = records.iter().map(|r| r.message.payload.to_vec()).collect();
+        assert_eq!(payloads, (0..3u8).map(|i| vec![i; 20]).collect::<Vec<_>>());
+        assert!(
+            records
+                .iter()
+                .all(|r| r.message.key.as_deref() == Some(&b"k"[..]))
+        );
+        assert_eq!(r.queue_info("q").unwrap().ready, 3);
+    };
+    // Read-only, a file its writer did not close is refused, and left as it is.
+    let refused = Database::builder().open_read_only(&path).unwrap_err();
+    assert!(
+        matches!(&refused, Error::NeedsRecovery { path: p } if *p == path),
+        "{refused}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), untouched);
+    // Writable, the records are replayed and put in place.
+    let db = Database::open(&path).unwrap();
+    check(db.begin_read().unwrap());
+    let report = db.verify(|_| {}).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    drop(db);
+    check(Database::open(&path).unwrap().begin_read().unwrap());
+    let read_only = Database::builder().open_read_only(&path).unwrap();
+    check(read_only.begin_read().unwrap());
+}
+
 #[test]
 fn new_files_are_journaled_by_default_plain_on_request_and_keep_their_layout() {
     let dir = tempfile::tempdir().unwrap();
