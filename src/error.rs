@@ -284,10 +284,19 @@ pub(crate) fn open_error(err: redb::DatabaseError, path: &std::path::Path) -> Er
         redb::DatabaseError::DatabaseAlreadyOpen => Error::AlreadyOpen {
             path: path.to_path_buf(),
         },
-        // Only a read-only open aborts a repair: a writable one repairs.
+        // Only a read-only open aborts a repair (a writable one repairs), and only a shared
+        // read-only one finds a journal it may not replay.
         redb::DatabaseError::RepairAborted => Error::NeedsRecovery {
             path: path.to_path_buf(),
         },
+        redb::DatabaseError::Storage(redb::StorageError::Io(e))
+            if e.get_ref()
+                .is_some_and(|inner| inner.is::<crate::journal::Unrecovered>()) =>
+        {
+            Error::NeedsRecovery {
+                path: path.to_path_buf(),
+            }
+        }
         other => Error::from(other),
     }
 }

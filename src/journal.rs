@@ -101,6 +101,19 @@ pub(crate) const DETECT_LEN: usize = HEADER_BYTES as usize;
 
 type IoResult<T> = std::result::Result<T, io::Error>;
 
+/// A read-only open in a shared mode found commits in the journal, which only a writable open
+/// puts in place (`Error::NeedsRecovery` to the caller).
+#[derive(Debug)]
+pub(crate) struct Unrecovered;
+
+impl std::fmt::Display for Unrecovered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the journal holds commits not yet in place; open the file for writing once")
+    }
+}
+
+impl std::error::Error for Unrecovered {}
+
 fn damaged(what: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
@@ -364,9 +377,7 @@ impl<B: StorageBackend> Journal<B> {
             tracing::info!(target: "mqlite::store", records = seq, "replayed the journal");
             self.checkpoint(s)?;
         } else if seq > 0 && self.shared {
-            return Err(damaged(
-                "the journal holds commits not yet in place; open the file for writing once to recover it",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, Unrecovered));
         } else if self.writable && !self.shared {
             // Records of this generation may lie past a first one that a power cut tore (both
             // unsynced, landed out of order): this process's records start a new generation,

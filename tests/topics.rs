@@ -1106,6 +1106,12 @@ fn a_journal_a_crash_left_is_recovered_by_a_writable_open_and_refused_read_only(
         matches!(&refused, Error::NeedsRecovery { path: p } if *p == path),
         "{refused}"
     );
+    // So it is in a shared mode, where the reader may not replay the journal.
+    let refused = Database::builder()
+        .concurrency(mqlite::redb::ConcurrencyMode::SingleWriter)
+        .open_read_only(&path)
+        .unwrap_err();
+    assert!(matches!(&refused, Error::NeedsRecovery { .. }), "{refused}");
     assert_eq!(std::fs::read(&path).unwrap(), untouched);
     // Writable, the records are replayed and put in place.
     let db = Database::open(&path).unwrap();
