@@ -25,13 +25,14 @@
 //!
 //! A record: magic (8, `mqjrec02`), generation u64, sequence u64 (0 for the first record of a
 //! generation), the logical length after it u64, the smallest logical length since the
-//! previous record u64 (a shrink followed by growth reads as zeros), page count n u32, crc32c
-//! u32 (of the whole record, this field zero), n entries of page number u64, start u32 and
-//! length u32, then each entry's bytes, packed, and zero padding to 4 KiB. An entry of 4 096
-//! bytes is the page whole; a shorter one patches the page's image in an earlier record of the
-//! chain (a commit rewrites whole pages but changes a small part of most of them). A version 1
-//! record (`mqjrec01`, written by builds before patches) has page numbers only, padding to
-//! 4 KiB, and every image whole.
+//! previous record u64 (a shrink followed by growth reads as zeros), entry count n u32,
+//! crc32c u32 (of the whole record, this field zero), n entries of page number u64, start u32
+//! and length u32, then each entry's bytes, packed, and zero padding to 4 KiB. An entry of
+//! 4 096 bytes is the page whole; a shorter one patches a run of the page's image in an
+//! earlier record of the chain (a commit rewrites whole pages but changes a part of most of
+//! them), and a page may have several, applied in order. A version 1 record (`mqjrec01`,
+//! written by builds before patches) has page numbers only, padding to 4 KiB, and every image
+//! whole.
 //!
 //! Recovery reads the chain of records of the header's generation from the start of the
 //! region, stopping at the first record that fails its checksum, breaks the sequence or
@@ -54,6 +55,7 @@
 //! memory.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::io;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -137,21 +139,29 @@ fn align(n: u64) -> u64 {
     n.div_ceil(PAGE) * PAGE
 }
 
-/// The bytes of a page that differ between two images, as `start..end`; `None` when none do.
-fn changed(new: &[u8], old: &[u8]) -> Option<(usize, usize)> {
-    // Blocks first (slice comparison is a memcmp), then bytes inside the two outer blocks.
+/// The runs of bytes in which two page images differ, as `start..end` ranges in order, into
+/// `out`. Compared in 64-byte blocks (a slice comparison is a memcmp); a run of equal blocks
+/// between two changes ends one range (an entry costs 16 bytes, the block 64), and each range
+/// is trimmed to the bytes that differ at its ends.
+fn changed(new: &[u8], old: &[u8], out: &mut Vec<(usize, usize)>) {
     const BLOCK: usize = 64;
     let block = |i: usize| i * BLOCK..(i + 1) * BLOCK;
-    let blocks = new.len() / BLOCK;
-    let first = (0..blocks).find(|&i| new[block(i)] != old[block(i)])?;
-    let last = (first..blocks)
-        .rev()
-        .find(|&i| new[block(i)] != old[block(i)])
-        .unwrap_or(first);
     let differs = |i: usize| new[i] != old[i];
-    let start = block(first).find(|&i| differs(i)).unwrap_or(first * BLOCK);
-    let end = block(last).rev().find(|&i| differs(i)).unwrap_or(start) + 1;
-    Some((start, end))
+    let blocks = new.len() / BLOCK;
+    let mut i = 0;
+    while i < blocks {
+        if new[block(i)] == old[block(i)] {
+            i += 1;
+            continue;
+        }
+        let first = i;
+        while i < blocks && new[block(i)] != old[block(i)] {
+            i += 1;
+        }
+        let start = block(first).find(|&b| differs(b)).unwrap_or(first * BLOCK);
+        let end = block(i - 1).rev().find(|&b| differs(b)).unwrap_or(start) + 1;
+        out.push((start, end));
+    }
 }
 
 /// A header slot as read: `None` when it fails its checks.
@@ -467,18 +477,22 @@ impl<B: StorageBackend> Journal<B> {
             let (start, n) = (start as usize, n as usize);
             let bytes = &record[at..at + n];
             at += n;
-            let image: Image = if n == PAGE as usize {
-                bytes.into()
-            } else {
-                // The writer patches only pages an earlier record of the chain holds.
-                let Some(base) = s.durable.pages.get(&page) else {
-                    return Err(damaged("a record patches a page no earlier record holds"));
-                };
-                let mut image = base.clone();
-                image[start..start + n].copy_from_slice(bytes);
-                image
+            if n == PAGE as usize {
+                layer.pages.insert(page, bytes.into());
+                continue;
+            }
+            // A patch goes over the page as this record's earlier entries left it, else as an
+            // earlier record of the chain did: the writer patches only pages the chain holds.
+            let image = match layer.pages.entry(page) {
+                Entry::Occupied(image) => image.into_mut(),
+                Entry::Vacant(slot) => {
+                    let Some(base) = s.durable.pages.get(&page) else {
+                        return Err(damaged("a record patches a page no earlier record holds"));
+                    };
+                    slot.insert(base.clone())
+                }
             };
-            layer.pages.insert(page, image);
+            image[start..start + n].copy_from_slice(bytes);
         }
         Ok(Some((generation, size, len, layer)))
     }
@@ -588,17 +602,23 @@ impl<B: StorageBackend> Journal<B> {
         // generation, when there is one: a commit rewrites whole pages but changes a few
         // hundred bytes of most of them (redb's header, its allocator state, branch pages).
         let mut patches = Vec::with_capacity(pages.len());
-        let mut bytes = 0u64;
+        let mut ranges = Vec::new();
         for &p in &pages {
-            let (start, end) = match s.durable.pages.get(&p) {
-                Some(old) => changed(&s.pending.pages[&p], old).unwrap_or((0, 0)),
-                None => (0, PAGE as usize),
+            let Some(old) = s.durable.pages.get(&p) else {
+                patches.push((p, 0, PAGE as usize));
+                continue;
             };
-            bytes += (end - start) as u64;
-            patches.push((p, start, end));
+            ranges.clear();
+            changed(&s.pending.pages[&p], old, &mut ranges);
+            if ranges.is_empty() {
+                // Unchanged, but listed: a shrink since may have hidden the earlier image.
+                ranges.push((0, 0));
+            }
+            patches.extend(ranges.iter().map(|&(start, end)| (p, start, end)));
         }
-        let lists = RECORD_FIXED as u64 + ENTRY_BYTES * pages.len() as u64;
-        let size = align(lists + bytes);
+        let bytes: usize = patches.iter().map(|&(_, start, end)| end - start).sum();
+        let lists = RECORD_FIXED as u64 + ENTRY_BYTES * patches.len() as u64;
+        let size = align(lists + bytes as u64);
         if size > s.journal_bytes {
             return self.write_in_place(s);
         }
@@ -615,7 +635,7 @@ impl<B: StorageBackend> Journal<B> {
         record[16..24].copy_from_slice(&s.seq.to_le_bytes());
         record[24..32].copy_from_slice(&s.len.to_le_bytes());
         record[32..40].copy_from_slice(&s.pending.floor.to_le_bytes());
-        record[40..44].copy_from_slice(&(pages.len() as u32).to_le_bytes());
+        record[40..44].copy_from_slice(&(patches.len() as u32).to_le_bytes());
         let mut img = lists as usize;
         for (i, &(p, start, end)) in patches.iter().enumerate() {
             let at = RECORD_FIXED + ENTRY_BYTES as usize * i;
@@ -963,6 +983,26 @@ mod tests {
         // The first open started generation 2; the reopen replayed its one record and
         // checkpointed it: generation 3, nothing pending.
         assert_eq!(state(&after), (3, 0, 0));
+    }
+
+    #[test]
+    fn a_page_changed_in_two_places_is_two_patches_and_replays_whole() {
+        let d = disk();
+        let j = create(&d, 64 * PAGE);
+        j.set_len(PAGE).unwrap();
+        j.write(0, &[1u8; 4096]).unwrap();
+        j.sync_data().unwrap(); // the page whole: two pages of journal
+        j.write(10, b"head").unwrap();
+        j.write(4000, b"tail").unwrap();
+        j.sync_data().unwrap();
+        let mut second = vec![0u8; PAGE as usize];
+        d.read(HEADER_BYTES + 2 * PAGE, &mut second).unwrap();
+        assert_eq!(&second[..8], &RECORD_MAGIC);
+        assert_eq!(le_u32(&second, 40), 2, "one entry per run of changes");
+        let mut want = vec![1u8; 4096];
+        want[10..14].copy_from_slice(b"head");
+        want[4000..4004].copy_from_slice(b"tail");
+        assert_eq!(contents(&reopen(&d)), want);
     }
 
     #[test]
