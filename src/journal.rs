@@ -25,14 +25,13 @@
 //!
 //! A record: magic (8, `mqjrec02`), generation u64, sequence u64 (0 for the first record of a
 //! generation), the logical length after it u64, the smallest logical length since the
-//! previous record u64 (a shrink followed by growth reads as zeros), entry count n u32,
-//! crc32c u32 (of the whole record, this field zero), n entries of page number u64, start u32
-//! and length u32, then each entry's bytes, packed, and zero padding to 4 KiB. An entry of
-//! 4 096 bytes is the page whole; a shorter one patches a run of the page's image in an
-//! earlier record of the chain (a commit rewrites whole pages but changes a part of most of
-//! them), and a page may have several, applied in order. A version 1 record (`mqjrec01`,
-//! written by builds before patches) has page numbers only, padding to 4 KiB, and every image
-//! whole.
+//! previous record u64 (a shrink followed by growth reads as zeros), page count n u32, crc32c
+//! u32 (of the whole record, this field zero), n entries of page number u64, start u32 and
+//! length u32, then each entry's bytes, packed, and zero padding to 4 KiB. An entry of 4 096
+//! bytes is the page whole; a shorter one patches the page's image in an earlier record of the
+//! chain (a commit rewrites whole pages but changes a small part of most of them). A version 1
+//! record (`mqjrec01`, written by builds before patches) has page numbers only, padding to
+//! 4 KiB, and every image whole.
 //!
 //! Recovery reads the chain of records of the header's generation from the start of the
 //! region, stopping at the first record that fails its checksum, breaks the sequence or
@@ -55,7 +54,6 @@
 //! memory.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::io;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -139,29 +137,21 @@ fn align(n: u64) -> u64 {
     n.div_ceil(PAGE) * PAGE
 }
 
-/// The runs of bytes in which two page images differ, as `start..end` ranges in order, into
-/// `out`. Compared in 64-byte blocks (a slice comparison is a memcmp); a run of equal blocks
-/// between two changes ends one range (an entry costs 16 bytes, the block 64), and each range
-/// is trimmed to the bytes that differ at its ends.
-fn changed(new: &[u8], old: &[u8], out: &mut Vec<(usize, usize)>) {
+/// The bytes of a page that differ between two images, as `start..end`; `None` when none do.
+fn changed(new: &[u8], old: &[u8]) -> Option<(usize, usize)> {
+    // Blocks first (slice comparison is a memcmp), then bytes inside the two outer blocks.
     const BLOCK: usize = 64;
     let block = |i: usize| i * BLOCK..(i + 1) * BLOCK;
-    let differs = |i: usize| new[i] != old[i];
     let blocks = new.len() / BLOCK;
-    let mut i = 0;
-    while i < blocks {
-        if new[block(i)] == old[block(i)] {
-            i += 1;
-            continue;
-        }
-        let first = i;
-        while i < blocks && new[block(i)] != old[block(i)] {
-            i += 1;
-        }
-        let start = block(first).find(|&b| differs(b)).unwrap_or(first * BLOCK);
-        let end = block(i - 1).rev().find(|&b| differs(b)).unwrap_or(start) + 1;
-        out.push((start, end));
-    }
+    let first = (0..blocks).find(|&i| new[block(i)] != old[block(i)])?;
+    let last = (first..blocks)
+        .rev()
+        .find(|&i| new[block(i)] != old[block(i)])
+        .unwrap_or(first);
+    let differs = |i: usize| new[i] != old[i];
+    let start = block(first).find(|&i| differs(i)).unwrap_or(first * BLOCK);
+    let end = block(last).rev().find(|&i| differs(i)).unwrap_or(start) + 1;
+    Some((start, end))
 }
 
 /// A header slot as read: `None` when it fails its checks.
@@ -477,22 +467,18 @@ impl<B: StorageBackend> Journal<B> {
             let (start, n) = (start as usize, n as usize);
             let bytes = &record[at..at + n];
             at += n;
-            if n == PAGE as usize {
-                layer.pages.insert(page, bytes.into());
-                continue;
-            }
-            // A patch goes over the page as this record's earlier entries left it, else as an
-            // earlier record of the chain did: the writer patches only pages the chain holds.
-            let image = match layer.pages.entry(page) {
-                Entry::Occupied(image) => image.into_mut(),
-                Entry::Vacant(slot) => {
-                    let Some(base) = s.durable.pages.get(&page) else {
-                        return Err(damaged("a record patches a page no earlier record holds"));
-                    };
-                    slot.insert(base.clone())
-                }
+            let image: Image = if n == PAGE as usize {
+                bytes.into()
+            } else {
+                // The writer patches only pages an earlier record of the chain holds.
+                let Some(base) = s.durable.pages.get(&page) else {
+                    return Err(damaged("a record patches a page no earlier record holds"));
+                };
+                let mut image = base.clone();
+                image[start..start + n].copy_from_slice(bytes);
+                image
             };
-            image[start..start + n].copy_from_slice(bytes);
+            layer.pages.insert(page, image);
         }
         Ok(Some((generation, size, len, layer)))
     }
@@ -599,26 +585,22 @@ impl<B: StorageBackend> Journal<B> {
         let mut pages: Vec<u64> = s.pending.pages.keys().copied().collect();
         pages.sort_unstable();
         // Each page as the bytes that differ from its image in an earlier record of this
-        // generation, when there is one: a commit rewrites whole pages but changes a few
-        // hundred bytes of most of them (redb's header, its allocator state, branch pages).
+        // generation, when there is one (redb's header and allocator pages, and pages it frees
+        // and reuses): a commit rewrites whole pages but changes a part of each. One run per
+        // page, first to last changed byte: one run per change saved 0.7 KiB a record and
+        // measured slower.
         let mut patches = Vec::with_capacity(pages.len());
-        let mut ranges = Vec::new();
+        let mut bytes = 0u64;
         for &p in &pages {
-            let Some(old) = s.durable.pages.get(&p) else {
-                patches.push((p, 0, PAGE as usize));
-                continue;
+            let (start, end) = match s.durable.pages.get(&p) {
+                Some(old) => changed(&s.pending.pages[&p], old).unwrap_or((0, 0)),
+                None => (0, PAGE as usize),
             };
-            ranges.clear();
-            changed(&s.pending.pages[&p], old, &mut ranges);
-            if ranges.is_empty() {
-                // Unchanged, but listed: a shrink since may have hidden the earlier image.
-                ranges.push((0, 0));
-            }
-            patches.extend(ranges.iter().map(|&(start, end)| (p, start, end)));
+            bytes += (end - start) as u64;
+            patches.push((p, start, end));
         }
-        let bytes: usize = patches.iter().map(|&(_, start, end)| end - start).sum();
-        let lists = RECORD_FIXED as u64 + ENTRY_BYTES * patches.len() as u64;
-        let size = align(lists + bytes as u64);
+        let lists = RECORD_FIXED as u64 + ENTRY_BYTES * pages.len() as u64;
+        let size = align(lists + bytes);
         if size > s.journal_bytes {
             return self.write_in_place(s);
         }
@@ -635,7 +617,7 @@ impl<B: StorageBackend> Journal<B> {
         record[16..24].copy_from_slice(&s.seq.to_le_bytes());
         record[24..32].copy_from_slice(&s.len.to_le_bytes());
         record[32..40].copy_from_slice(&s.pending.floor.to_le_bytes());
-        record[40..44].copy_from_slice(&(patches.len() as u32).to_le_bytes());
+        record[40..44].copy_from_slice(&(pages.len() as u32).to_le_bytes());
         let mut img = lists as usize;
         for (i, &(p, start, end)) in patches.iter().enumerate() {
             let at = RECORD_FIXED + ENTRY_BYTES as usize * i;
@@ -983,26 +965,6 @@ mod tests {
         // The first open started generation 2; the reopen replayed its one record and
         // checkpointed it: generation 3, nothing pending.
         assert_eq!(state(&after), (3, 0, 0));
-    }
-
-    #[test]
-    fn a_page_changed_in_two_places_is_two_patches_and_replays_whole() {
-        let d = disk();
-        let j = create(&d, 64 * PAGE);
-        j.set_len(PAGE).unwrap();
-        j.write(0, &[1u8; 4096]).unwrap();
-        j.sync_data().unwrap(); // the page whole: two pages of journal
-        j.write(10, b"head").unwrap();
-        j.write(4000, b"tail").unwrap();
-        j.sync_data().unwrap();
-        let mut second = vec![0u8; PAGE as usize];
-        d.read(HEADER_BYTES + 2 * PAGE, &mut second).unwrap();
-        assert_eq!(&second[..8], &RECORD_MAGIC);
-        assert_eq!(le_u32(&second, 40), 2, "one entry per run of changes");
-        let mut want = vec![1u8; 4096];
-        want[10..14].copy_from_slice(b"head");
-        want[4000..4004].copy_from_slice(b"tail");
-        assert_eq!(contents(&reopen(&d)), want);
     }
 
     #[test]
