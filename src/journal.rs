@@ -728,7 +728,11 @@ impl<B: StorageBackend> Journal<B> {
     /// A sync too large for the journal: checkpoint, then write the pages in place, as redb
     /// does on a plain file (it recovers from a crash in the middle by its own checksums).
     fn write_in_place(&self, s: &mut State) -> IoResult<()> {
-        self.checkpoint(s)?;
+        // With no record since the last checkpoint (or the open), the pages in place are
+        // already the synced state: a checkpoint would only cost two fsyncs.
+        if s.seq > 0 {
+            self.checkpoint(s)?;
+        }
         if let Err(e) = self.put_in_place(s, &s.pending, s.len) {
             return Self::fail(s, e);
         }
