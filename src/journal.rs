@@ -582,24 +582,29 @@ impl<B: StorageBackend> Journal<B> {
         if s.pending.pages.is_empty() && s.len == s.durable_len && s.pending.floor >= s.len {
             return Ok(());
         }
-        let mut pages: Vec<u64> = s.pending.pages.keys().copied().collect();
-        pages.sort_unstable();
         // Each page as the bytes that differ from its image in an earlier record of this
         // generation, when there is one (redb's header and allocator pages, and pages it frees
         // and reuses): a commit rewrites whole pages but changes a part of each. One run per
         // page, first to last changed byte: one run per change saved 0.7 KiB a record and
         // measured slower.
-        let mut patches = Vec::with_capacity(pages.len());
-        let mut bytes = 0u64;
-        for &p in &pages {
-            let (start, end) = match s.durable.pages.get(&p) {
-                Some(old) => changed(&s.pending.pages[&p], old).unwrap_or((0, 0)),
-                None => (0, PAGE as usize),
-            };
-            bytes += (end - start) as u64;
-            patches.push((p, start, end));
-        }
-        let lists = RECORD_FIXED as u64 + ENTRY_BYTES * pages.len() as u64;
+        let mut patches: Vec<(u64, usize, usize)> = s
+            .pending
+            .pages
+            .iter()
+            .map(|(&p, new)| match s.durable.pages.get(&p) {
+                Some(old) => {
+                    let (start, end) = changed(new, old).unwrap_or((0, 0));
+                    (p, start, end)
+                }
+                None => (p, 0, PAGE as usize),
+            })
+            .collect();
+        patches.sort_unstable_by_key(|&(p, _, _)| p);
+        let bytes: u64 = patches
+            .iter()
+            .map(|&(_, start, end)| (end - start) as u64)
+            .sum();
+        let lists = RECORD_FIXED as u64 + ENTRY_BYTES * patches.len() as u64;
         let size = align(lists + bytes);
         if size > s.journal_bytes {
             return self.write_in_place(s);
@@ -617,7 +622,7 @@ impl<B: StorageBackend> Journal<B> {
         record[16..24].copy_from_slice(&s.seq.to_le_bytes());
         record[24..32].copy_from_slice(&s.len.to_le_bytes());
         record[32..40].copy_from_slice(&s.pending.floor.to_le_bytes());
-        record[40..44].copy_from_slice(&(pages.len() as u32).to_le_bytes());
+        record[40..44].copy_from_slice(&(patches.len() as u32).to_le_bytes());
         let mut img = lists as usize;
         for (i, &(p, start, end)) in patches.iter().enumerate() {
             let at = RECORD_FIXED + ENTRY_BYTES as usize * i;
