@@ -108,8 +108,8 @@ type IoResult<T> = std::result::Result<T, io::Error>;
 
 /// A handle on `path` whose writes bypass the page cache and return once the bytes are on
 /// the disk (`O_DIRECT | O_DSYNC`), for a journal's durable records; `None` where the system
-/// or the file system has no such writes (some refuse `O_DIRECT` at the open), and the journal then
-/// writes and fsyncs.
+/// or the file system has no such writes (some refuse `O_DIRECT` at the open), and the
+/// journal then writes and fsyncs.
 pub(crate) fn open_write_through(path: &std::path::Path) -> Option<std::fs::File> {
     #[cfg(target_os = "linux")]
     {
