@@ -291,19 +291,17 @@ impl Builder {
             .read(true)
             .write(writable)
             .open(path)?;
+        let through = if layout == Layout::Journaled && writable && !self.shares_file() {
+            journal::open_write_through(path, &file)
+        } else {
+            None
+        };
         let plain = redb::backends::FileBackend::new(file).map_err(|e| open_error(e, path))?;
         match layout {
             Layout::Plain => Ok(Storage::owned(plain)),
-            Layout::Journaled => {
-                let through = if writable && !self.shares_file() {
-                    journal::open_write_through(path)
-                } else {
-                    None
-                };
-                Ok(Storage::journaled(
-                    Journal::open(plain, writable, self.shares_file()).with_write_through(through),
-                ))
-            }
+            Layout::Journaled => Ok(Storage::journaled(
+                Journal::open(plain, writable, self.shares_file()).with_write_through(through),
+            )),
         }
     }
 

@@ -110,19 +110,26 @@ type IoResult<T> = std::result::Result<T, io::Error>;
 /// the disk (`O_DIRECT | O_DSYNC`), for a journal's durable records; `None` where the system
 /// or the file system has no such writes (some refuse `O_DIRECT` at the open), and the
 /// journal then writes and fsyncs.
-pub(crate) fn open_write_through(path: &std::path::Path) -> Option<std::fs::File> {
+/// `same_as` is the handle already open on `path`: a file renamed over `path` in between is
+/// never written to.
+pub(crate) fn open_write_through(
+    path: &std::path::Path,
+    same_as: &std::fs::File,
+) -> Option<std::fs::File> {
     #[cfg(target_os = "linux")]
     {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let through = std::fs::OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
             .open(path)
-            .ok()
+            .ok()?;
+        let (a, b) = (same_as.metadata().ok()?, through.metadata().ok()?);
+        (a.dev() == b.dev() && a.ino() == b.ino()).then_some(through)
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = path;
+        let _ = (path, same_as);
         None
     }
 }
@@ -1072,12 +1079,12 @@ mod tests {
             .write(true)
             .open(path)
             .unwrap();
-        let plain = Storage::owned(redb::backends::FileBackend::new(file).unwrap());
         let handle = if through {
-            open_write_through(path)
+            open_write_through(path, &file)
         } else {
             None
         };
+        let plain = Storage::owned(redb::backends::FileBackend::new(file).unwrap());
         Journal::open(plain, true, false).with_write_through(handle)
     }
 
@@ -1111,6 +1118,19 @@ mod tests {
         assert_eq!(&bytes[10..15], b"first");
         assert_eq!(&bytes[PAGE as usize + 10..][..6], b"second");
         assert_eq!(state(&after).1, 0, "replayed and checkpointed");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn no_write_through_handle_on_a_file_renamed_over_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, other) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&path, b"a").unwrap();
+        std::fs::write(&other, b"b").unwrap();
+        let opened = std::fs::File::open(&path).unwrap();
+        assert!(open_write_through(&path, &opened).is_some());
+        std::fs::rename(&other, &path).unwrap();
+        assert!(open_write_through(&path, &opened).is_none());
     }
 
     #[cfg(target_os = "linux")]
