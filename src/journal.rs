@@ -1088,14 +1088,21 @@ mod tests {
         Journal::open(plain, true, false).with_write_through(handle)
     }
 
+    /// A new journaled file with a 64-page region, in `dir`.
+    #[cfg(target_os = "linux")]
+    fn journaled_file(dir: &tempfile::TempDir) -> std::path::PathBuf {
+        let path = dir.path().join("journaled");
+        let file = std::fs::File::create_new(&path).unwrap();
+        let plain = Storage::owned(redb::backends::FileBackend::new(file).unwrap());
+        drop(Journal::create(plain, 64 * PAGE).unwrap());
+        path
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn records_written_through_survive_a_crash() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("through");
-        let file = std::fs::File::create_new(&path).unwrap();
-        let plain = Storage::owned(redb::backends::FileBackend::new(file).unwrap());
-        drop(Journal::create(plain, 64 * PAGE).unwrap());
+        let path = journaled_file(&dir);
         let j = on_file(&path, true);
         // tempfile's directory is on the project's disk, which takes direct I/O; on one
         // that does not, this checks the fallback instead.
@@ -1137,10 +1144,7 @@ mod tests {
     #[test]
     fn a_refused_write_through_falls_back_to_write_and_fsync() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("refused");
-        let file = std::fs::File::create_new(&path).unwrap();
-        let plain = Storage::owned(redb::backends::FileBackend::new(file).unwrap());
-        drop(Journal::create(plain, 64 * PAGE).unwrap());
+        let path = journaled_file(&dir);
         let j = on_file(&path, true);
         if j.through.is_none() {
             // No direct I/O on this file system: the open already chose the fallback.
