@@ -551,12 +551,18 @@ impl Builder {
             check_format(&db.begin_read()?, path.as_deref())?;
             upgrade_format(db)?;
         }
+        let notifier = Arc::new(Notifier::default());
+        let wake_early: crate::journal::Hook = {
+            let notifier = notifier.clone();
+            Arc::new(move || notifier.notify())
+        };
         let shared = Arc::new(Shared {
             store: Store::new(opened, reopen),
             limits: self.limits,
             clock: self.clock.clone(),
             durability: self.durability,
-            notifier: Arc::new(Notifier::default()),
+            notifier,
+            wake_early,
             shares_file: self.shares_file(),
             dirty: AtomicBool::new(false),
             group: GroupCommit::default(),
@@ -744,6 +750,8 @@ pub(crate) struct Shared {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) durability: Durability,
     pub(crate) notifier: Arc<Notifier>,
+    /// `notifier.notify()`, for the journal to run once a publishing commit is durable.
+    wake_early: crate::journal::Hook,
     /// Other processes may commit to the file: waits also poll.
     pub(crate) shares_file: bool,
     /// Relaxed commits not yet made durable.
@@ -770,7 +778,12 @@ impl Shared {
         } else {
             redb::Durability::Immediate
         })?;
-        self.store.commit(txn)?;
+        if published && !relaxed {
+            // Waiting consumers start waking while redb finishes the commit.
+            self.store.commit_telling(txn, self.wake_early.clone())?;
+        } else {
+            self.store.commit(txn)?;
+        }
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
         if relaxed {
             self.dirty.store(true, Ordering::Release);

@@ -63,7 +63,7 @@ use std::io;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use redb::{BackendError, StorageBackend};
 
 /// The unit of the page maps and of alignment in the journal.
@@ -105,6 +105,9 @@ pub(crate) fn is_journaled(head: &[u8]) -> bool {
 pub(crate) const DETECT_LEN: usize = HEADER_BYTES as usize;
 
 type IoResult<T> = std::result::Result<T, io::Error>;
+
+/// What a commit asks to run once its record is on the disk.
+pub(crate) type Hook = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 /// A handle on `path` whose writes bypass the page cache and return once the bytes are on
 /// the disk (`O_DIRECT | O_DSYNC`), for a journal's durable records; `None` where the system
@@ -310,6 +313,8 @@ pub(crate) struct Journal<B: StorageBackend> {
     through: Option<std::fs::File>,
     /// Off once the file system refused a write through `through`.
     through_works: AtomicBool,
+    /// Run once the next durable record is on the disk (see [`Deferred::on_durable`]).
+    on_durable: Mutex<Option<Hook>>,
     state: RwLock<State>,
 }
 
@@ -352,6 +357,7 @@ impl<B: StorageBackend> Journal<B> {
             defer: AtomicBool::new(false),
             through: None,
             through_works: AtomicBool::new(true),
+            on_durable: Mutex::new(None),
             state: RwLock::new(State {
                 journal_bytes: 0,
                 generation: 0,
@@ -743,6 +749,9 @@ impl<B: StorageBackend> Journal<B> {
         s.written += 1;
         if sync_now {
             s.synced = s.written;
+            if let Some(hook) = self.on_durable.lock().take() {
+                hook();
+            }
         }
         s.pos += size;
         s.seq += 1;
@@ -850,6 +859,9 @@ impl<B: StorageBackend> Journal<B> {
 pub(crate) trait Deferred: Send + Sync + std::fmt::Debug {
     /// While on, a sync writes its record and leaves the fsync to [`Deferred::fsync`].
     fn defer_fsync(&self, on: bool);
+    /// Calls `hook` once, as soon as the next durable record is on the disk (`None` takes a
+    /// hook that has not run back).
+    fn on_durable(&self, hook: Option<Hook>);
     /// Makes every record written so far durable. Holds no lock across the fsync, so commits
     /// go on meanwhile (their records are covered by the next one).
     fn fsync(&self) -> IoResult<()>;
@@ -858,6 +870,10 @@ pub(crate) trait Deferred: Send + Sync + std::fmt::Debug {
 impl<B: StorageBackend> Deferred for Journal<B> {
     fn defer_fsync(&self, on: bool) {
         self.defer.store(on, Ordering::Release);
+    }
+
+    fn on_durable(&self, hook: Option<Hook>) {
+        *self.on_durable.lock() = hook;
     }
 
     fn fsync(&self) -> IoResult<()> {
@@ -1069,6 +1085,34 @@ mod tests {
         // The first open started generation 2; the reopen replayed its one record and
         // checkpointed it: generation 3, nothing pending.
         assert_eq!(state(&after), (3, 0, 0));
+    }
+
+    #[test]
+    fn the_durable_hook_runs_once_when_a_record_is_on_the_disk() {
+        use std::sync::atomic::AtomicUsize;
+        let d = disk();
+        let j = create(&d, 64 * PAGE);
+        let runs = Arc::new(AtomicUsize::new(0));
+        let hook: Hook = {
+            let runs = runs.clone();
+            Arc::new(move || {
+                runs.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        j.on_durable(Some(hook));
+        j.set_len(PAGE).unwrap();
+        j.write(0, b"x").unwrap();
+        // A record whose fsync its caller makes later is not on the disk yet.
+        j.defer_fsync(true);
+        j.sync_data().unwrap();
+        j.defer_fsync(false);
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        j.write(1, b"y").unwrap();
+        j.sync_data().unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        j.write(2, b"z").unwrap();
+        j.sync_data().unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "once");
     }
 
     /// A journal on a real file, with the write-through handle when the file system has one.

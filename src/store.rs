@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use parking_lot::RwLock;
 
 use crate::error::{Error, PREVIOUS_IO, Result, STORAGE_FAILURES, is_storage_failure};
-use crate::journal::Deferred;
+use crate::journal::{Deferred, Hook};
 
 /// Opens the same file or backend again.
 pub(crate) type Reopen = Box<dyn Fn() -> Result<Opened> + Send + Sync>;
@@ -78,6 +78,23 @@ impl Store {
             }
             e
         })
+    }
+
+    /// Commits `txn` (durable) and runs `durable` once its journal record is on the disk,
+    /// before redb's work after the fsync (its epilogue commit, which frees the pages the
+    /// commit replaced: 35-95 µs of a one-message commit here); without a journal, never. redb
+    /// makes the commit visible to readers right after the fsync, so a consumer woken from
+    /// there mostly finds it; one that does not is woken again after the commit.
+    pub(crate) fn commit_telling(&self, txn: redb::WriteTransaction, durable: Hook) -> Result<()> {
+        let journal = self.db.read().as_ref().and_then(|o| o.journal.clone());
+        let Some(journal) = journal else {
+            return self.commit(txn);
+        };
+        journal.on_durable(Some(durable));
+        let committed = self.commit(txn);
+        // A commit that synced nothing (or failed first) leaves it: not for a later one.
+        journal.on_durable(None);
+        committed
     }
 
     /// Commits `txn` durably, with the fsync after redb has released its write lock when the

@@ -289,6 +289,33 @@ fn a_blocked_poll_is_woken_by_a_commit_from_another_thread() {
     }
 }
 
+/// On a file, a durable publish wakes the waiting consumers as soon as its journal record is
+/// on the disk, before the commit returns, and again after: every message arrives, none twice.
+#[test]
+fn durable_publishes_on_a_file_wake_a_blocked_poll_each_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::open(dir.path().join("wake.mqlite")).unwrap();
+    topic(&db, "t", Retention::default());
+    let mut consumer = db.consumer("t", "g", StartAt::Latest).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        while got.len() < 50 {
+            for r in consumer.poll(10, Duration::from_secs(30)).unwrap() {
+                got.push(r.message.payload.to_vec());
+            }
+        }
+        got
+    });
+    for i in 0..50u32 {
+        std::thread::sleep(Duration::from_millis(1)); // mostly, the reader is blocked
+        db.write(|txn| txn.publish("t", &Message::new(i.to_le_bytes().to_vec())))
+            .unwrap();
+    }
+    let got = reader.join().unwrap();
+    let want: Vec<Vec<u8>> = (0..50u32).map(|i| i.to_le_bytes().to_vec()).collect();
+    assert_eq!(got, want);
+}
+
 #[test]
 fn json_payloads_round_trip() {
     #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
