@@ -749,15 +749,15 @@ impl<B: StorageBackend> Journal<B> {
         s.written += 1;
         if sync_now {
             s.synced = s.written;
-            if let Some(hook) = self.on_durable.lock().take() {
-                hook();
-            }
         }
         s.pos += size;
         s.seq += 1;
         let pending = std::mem::replace(&mut s.pending, Layer::new(s.len));
         s.durable.absorb(pending, s.durable_len);
         s.durable_len = s.len;
+        if sync_now && let Some(hook) = self.on_durable.lock().take() {
+            hook();
+        }
         Ok(())
     }
 
