@@ -631,9 +631,10 @@ impl<B: StorageBackend> Journal<B> {
     }
 
     /// Writes `data` at `offset` of the lower file and makes it durable: through the
-    /// write-through handle when there is one, else a write and an fsync.
-    fn write_synced(&self, offset: u64, data: &[u8]) -> IoResult<()> {
-        if let Some(file) = &self.through
+    /// write-through handle when `through` allows and there is one, else a write and an fsync.
+    fn write_synced(&self, offset: u64, data: &[u8], through: bool) -> IoResult<()> {
+        if through
+            && let Some(file) = &self.through
             && self.through_works.load(Ordering::Acquire)
         {
             match write_through(file, data, offset) {
@@ -706,9 +707,10 @@ impl<B: StorageBackend> Journal<B> {
         let mut buffer = std::mem::take(&mut s.record);
         buffer.clear();
         // Built at a page-aligned address inside the buffer, as a write-through handle needs.
-        buffer.resize(size as usize + PAGE as usize, 0);
+        buffer.reserve(size as usize + PAGE as usize);
         let at = buffer.as_ptr().align_offset(PAGE as usize);
-        let record = &mut buffer[at..at + size as usize];
+        buffer.resize(at + size as usize, 0);
+        let record = &mut buffer[at..];
         record[..8].copy_from_slice(&RECORD_MAGIC);
         record[8..16].copy_from_slice(&s.generation.to_le_bytes());
         record[16..24].copy_from_slice(&s.seq.to_le_bytes());
@@ -730,12 +732,8 @@ impl<B: StorageBackend> Journal<B> {
         // Written through, a record goes out in one write that returns once it is on the
         // disk, which leaves the records before it to the page cache: only when they are
         // synced already (a crash that lost one would end the chain in front of this one).
-        let written = if sync_now && s.synced == s.written {
-            self.write_synced(offset, record)
-        } else if sync_now {
-            self.lower
-                .write(offset, record)
-                .and_then(|()| self.lower.sync_data())
+        let written = if sync_now {
+            self.write_synced(offset, record, s.synced == s.written)
         } else {
             self.lower.write(offset, record)
         };
@@ -1195,7 +1193,7 @@ mod tests {
             return;
         }
         // Direct I/O refuses a length that is not a multiple of the block size (EINVAL).
-        j.write_synced(HEADER_BYTES, b"odd length").unwrap();
+        j.write_synced(HEADER_BYTES, b"odd length", true).unwrap();
         assert!(!j.through_works.load(Ordering::Acquire));
         let mut back = [0u8; 10];
         j.lower.read(HEADER_BYTES, &mut back).unwrap();

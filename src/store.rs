@@ -80,14 +80,18 @@ impl Store {
         })
     }
 
+    /// The journal under the current handle, when the file has one.
+    fn journal(&self) -> Option<Arc<dyn Deferred>> {
+        self.db.read().as_ref().and_then(|o| o.journal.clone())
+    }
+
     /// Commits `txn` (durable) and runs `durable` once its journal record is on the disk,
     /// before redb's work after the fsync (its epilogue commit, which frees the pages the
     /// commit replaced: 35-95 µs of a one-message commit here); without a journal, never. redb
     /// makes the commit visible to readers right after the fsync, so a consumer woken from
     /// there mostly finds it; one that does not is woken again after the commit.
     pub(crate) fn commit_telling(&self, txn: redb::WriteTransaction, durable: Hook) -> Result<()> {
-        let journal = self.db.read().as_ref().and_then(|o| o.journal.clone());
-        let Some(journal) = journal else {
+        let Some(journal) = self.journal() else {
             return self.commit(txn);
         };
         journal.on_durable(Some(durable));
@@ -103,8 +107,7 @@ impl Store {
     /// file, an ordinary durable commit.
     pub(crate) fn commit_then_sync(&self, mut txn: redb::WriteTransaction) -> Result<()> {
         txn.set_durability(redb::Durability::Immediate)?;
-        let journal = self.db.read().as_ref().and_then(|o| o.journal.clone());
-        let Some(journal) = journal else {
+        let Some(journal) = self.journal() else {
             return self.commit(txn);
         };
         {
