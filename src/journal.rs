@@ -1369,6 +1369,16 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
+    /// A seeded source of numbers below `n`, for the model tests.
+    fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        }
+    }
+
     /// A disk with a volatile write cache, for power cuts. Reads see every write. A cut keeps
     /// the image as of the last fsync and then, in order, each later write dropped, kept or
     /// torn at 512-byte sectors; a write through the second handle ([`WriteThrough`]) was on
@@ -1483,13 +1493,7 @@ mod tests {
     /// finds is the last acknowledged state or a record written after it, never less.
     #[test]
     fn power_cuts_keep_every_acknowledged_sync_with_records_written_through() {
-        let mut seed = 0xC0FF_EE11_u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = xorshift(0xC0FF_EE11_u64);
         let open = |disk: &Arc<Volatile>| {
             Journal::open(Storage::shared(disk.clone()), true, false)
                 .with_write_through(Some(disk.clone()))
@@ -1595,13 +1599,7 @@ mod tests {
 
     #[test]
     fn random_operations_match_a_model_across_crashes() {
-        let mut seed = 0x5EED_u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = xorshift(0x5EED_u64);
         let d = disk();
         let mut j = create(&d, 16 * PAGE);
         let (mut live, mut synced) = (Vec::<u8>::new(), Vec::<u8>::new());
