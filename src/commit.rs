@@ -279,15 +279,14 @@ impl GroupCommit {
             // Everyone in the batch so far runs again on a rebuilt transaction; then whoever
             // queued meanwhile joins, for as long as the last batch is still being woken (its
             // callers come back one by one).
-            let mut batch = std::mem::take(&mut followers);
             let mut next = 0;
             loop {
-                if next == batch.len() {
-                    let mut queue = self.queue.lock();
-                    let room = MAX_BATCH - 1 - batch.len().min(MAX_BATCH - 1);
-                    if room == 0 || failed {
+                if next == followers.len() {
+                    let room = (MAX_BATCH - 1).saturating_sub(followers.len());
+                    if failed || room == 0 {
                         break;
                     }
+                    let mut queue = self.queue.lock();
                     if queue.waiting.is_empty() {
                         if !queue.waking {
                             break;
@@ -297,9 +296,9 @@ impl GroupCommit {
                         continue;
                     }
                     let n = queue.waiting.len().min(room);
-                    batch.extend(queue.waiting.drain(..n));
+                    followers.extend(queue.waiting.drain(..n));
                 }
-                let follower = &batch[next];
+                let follower = &followers[next];
                 next += 1;
                 // A broken transaction is rebuilt before anyone else runs on it.
                 if failed || txn.broken().is_some() {
@@ -318,11 +317,10 @@ impl GroupCommit {
                 if !ok {
                     failed = true;
                     follower.set(Turn::Done(Ok(())));
-                    batch.remove(next - 1);
+                    followers.remove(next - 1);
                     next -= 1;
                 }
             }
-            followers = batch;
             if failed || txn.broken().is_some() {
                 // Roll back everything this batch did and run the survivors again.
                 drop(txn);
