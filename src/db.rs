@@ -557,7 +557,7 @@ impl Builder {
             Arc::new(move || notifier.notify())
         };
         let shared = Arc::new(Shared {
-            store: Store::new(opened, reopen),
+            store: Store::new(opened, reopen, !self.shares_file()),
             limits: self.limits,
             clock: self.clock.clone(),
             durability: self.durability,
@@ -781,8 +781,10 @@ impl Shared {
         if published && !relaxed {
             // Waiting consumers start waking while redb finishes the commit.
             self.store.commit_telling(txn, self.wake_early.clone())?;
-        } else {
+        } else if relaxed {
             self.store.commit(txn)?;
+        } else {
+            self.store.commit_durable(txn)?;
         }
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
         if relaxed {

@@ -61,7 +61,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::ops::Bound;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 use redb::{BackendError, StorageBackend};
@@ -302,6 +302,8 @@ struct State {
     /// synced records apply to.
     written: u64,
     synced: u64,
+    /// Pages in the records written since the last durable one.
+    pages_unsynced: usize,
 }
 
 impl State {
@@ -327,6 +329,8 @@ pub(crate) struct Journal<B: StorageBackend> {
     through_works: AtomicBool,
     /// Run once the next durable record is on the disk (see [`Deferred::on_durable`]).
     on_durable: Mutex<Option<Hook>>,
+    /// The pages the last durable sync made durable (see [`Deferred::last_sync_pages`]).
+    last_sync_pages: AtomicUsize,
     state: RwLock<State>,
 }
 
@@ -370,6 +374,7 @@ impl<B: StorageBackend> Journal<B> {
             through: None,
             through_works: AtomicBool::new(true),
             on_durable: Mutex::new(None),
+            last_sync_pages: AtomicUsize::new(0),
             state: RwLock::new(State {
                 journal_bytes: 0,
                 generation: 0,
@@ -385,6 +390,7 @@ impl<B: StorageBackend> Journal<B> {
                 direct: false,
                 written: 0,
                 synced: 0,
+                pages_unsynced: 0,
             }),
         }
     }
@@ -768,8 +774,11 @@ impl<B: StorageBackend> Journal<B> {
             return Self::fail(s, e);
         }
         s.written += 1;
+        s.pages_unsynced += patches.len();
         if sync_now {
             s.synced = s.written;
+            self.last_sync_pages
+                .store(std::mem::take(&mut s.pages_unsynced), Ordering::Relaxed);
         }
         s.pos += size;
         s.seq += 1;
@@ -866,6 +875,9 @@ impl<B: StorageBackend> Journal<B> {
         if let Err(e) = self.put_in_place(s, &s.pending, s.len) {
             return Self::fail(s, e);
         }
+        self.last_sync_pages
+            .store(s.pages_unsynced + s.pending.pages.len(), Ordering::Relaxed);
+        s.pages_unsynced = 0;
         s.home_len = s.len;
         s.durable_len = s.len;
         s.durable = Layer::new(s.len);
@@ -886,6 +898,10 @@ pub(crate) trait Deferred: Send + Sync + std::fmt::Debug {
     /// Makes every record written so far durable. Holds no lock across the fsync, so commits
     /// go on meanwhile (their records are covered by the next one).
     fn fsync(&self) -> IoResult<()>;
+    /// The pages (4 KiB) in the records of the last sync that wrote one and fsynced it, with
+    /// those written without an fsync since the sync before: about the size of the last
+    /// durable commit. A deferred fsync ([`Deferred::fsync`]) leaves it; 0 before the first.
+    fn last_sync_pages(&self) -> usize;
 }
 
 impl<B: StorageBackend> Deferred for Journal<B> {
@@ -895,6 +911,10 @@ impl<B: StorageBackend> Deferred for Journal<B> {
 
     fn on_durable(&self, hook: Option<Hook>) {
         *self.on_durable.lock() = hook;
+    }
+
+    fn last_sync_pages(&self) -> usize {
+        self.last_sync_pages.load(Ordering::Relaxed)
     }
 
     fn fsync(&self) -> IoResult<()> {
