@@ -199,19 +199,15 @@ fn align(n: u64) -> u64 {
 }
 
 /// The bytes of a page that differ between two images, as `start..end`; `None` when none do.
+/// Pages are whole words long (4 KiB), and words compare without a call each.
 fn changed(new: &[u8], old: &[u8]) -> Option<(usize, usize)> {
-    // Blocks first (slice comparison is a memcmp), then bytes inside the two outer blocks.
-    const BLOCK: usize = 64;
-    let block = |i: usize| i * BLOCK..(i + 1) * BLOCK;
-    let blocks = new.len() / BLOCK;
-    let first = (0..blocks).find(|&i| new[block(i)] != old[block(i)])?;
-    let last = (first..blocks)
-        .rev()
-        .find(|&i| new[block(i)] != old[block(i)])
-        .unwrap_or(first);
-    let differs = |i: usize| new[i] != old[i];
-    let start = block(first).find(|&i| differs(i)).unwrap_or(first * BLOCK);
-    let end = block(last).rev().find(|&i| differs(i)).unwrap_or(start) + 1;
+    let (new, old) = (new.as_chunks::<8>().0, old.as_chunks::<8>().0);
+    let differs = |(a, b): (&[u8; 8], &[u8; 8])| a != b;
+    let first = new.iter().zip(old).position(differs)?;
+    let last = new.iter().zip(old).rposition(differs).unwrap_or(first);
+    let byte = |w: usize, i: usize| new[w][i] != old[w][i];
+    let start = first * 8 + (0..8).find(|&i| byte(first, i)).unwrap_or(0);
+    let end = last * 8 + (0..8).rev().find(|&i| byte(last, i)).unwrap_or(7) + 1;
     Some((start, end))
 }
 
@@ -735,26 +731,29 @@ impl<B: StorageBackend> Journal<B> {
         }
         let mut buffer = std::mem::take(&mut s.record);
         buffer.clear();
-        // Built at a page-aligned address inside the buffer, as a write-through handle needs.
+        // Built at a page-aligned address inside the buffer, as a write-through handle needs;
+        // the capacity reserved keeps that address while it fills. Only the padding is zeroed.
         buffer.reserve(size as usize + PAGE as usize);
         let at = buffer.as_ptr().align_offset(PAGE as usize);
+        buffer.resize(at, 0);
+        buffer.extend_from_slice(&RECORD_MAGIC);
+        buffer.extend_from_slice(&s.generation.to_le_bytes());
+        buffer.extend_from_slice(&s.seq.to_le_bytes());
+        buffer.extend_from_slice(&s.len.to_le_bytes());
+        buffer.extend_from_slice(&s.pending.floor.to_le_bytes());
+        buffer.extend_from_slice(&(patches.len() as u32).to_le_bytes());
+        buffer.extend_from_slice(&0u32.to_le_bytes()); // the checksum, below
+        for &(p, start, end) in &patches {
+            buffer.extend_from_slice(&p.to_le_bytes());
+            buffer.extend_from_slice(&(start as u32).to_le_bytes());
+            buffer.extend_from_slice(&((end - start) as u32).to_le_bytes());
+        }
+        for &(p, start, end) in &patches {
+            buffer.extend_from_slice(&s.pending.pages[&p][start..end]);
+        }
+        debug_assert_eq!(buffer.len(), at + lists as usize + bytes as usize);
         buffer.resize(at + size as usize, 0);
         let record = &mut buffer[at..];
-        record[..8].copy_from_slice(&RECORD_MAGIC);
-        record[8..16].copy_from_slice(&s.generation.to_le_bytes());
-        record[16..24].copy_from_slice(&s.seq.to_le_bytes());
-        record[24..32].copy_from_slice(&s.len.to_le_bytes());
-        record[32..40].copy_from_slice(&s.pending.floor.to_le_bytes());
-        record[40..44].copy_from_slice(&(patches.len() as u32).to_le_bytes());
-        let mut img = lists as usize;
-        for (i, &(p, start, end)) in patches.iter().enumerate() {
-            let at = RECORD_FIXED + ENTRY_BYTES as usize * i;
-            record[at..at + 8].copy_from_slice(&p.to_le_bytes());
-            record[at + 8..at + 12].copy_from_slice(&(start as u32).to_le_bytes());
-            record[at + 12..at + 16].copy_from_slice(&((end - start) as u32).to_le_bytes());
-            record[img..img + end - start].copy_from_slice(&s.pending.pages[&p][start..end]);
-            img += end - start;
-        }
         let crc = crc32c::crc32c(record);
         record[44..48].copy_from_slice(&crc.to_le_bytes());
         let offset = HEADER_BYTES + s.pos;
