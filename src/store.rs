@@ -39,8 +39,8 @@ impl Opened {
 }
 
 /// The largest last durable commit, in 4 KiB pages, after which a durable commit holds the
-/// state before it (see [`Store::commit_pinned`]). A one-message commit writes 6-8 pages, 64
-/// writers' publishes in one commit about 11, and 1 000 queued messages about 50.
+/// state before it (see [`Store::commit_pinned`]). A one-message commit writes 6-10 pages, 64
+/// writers' publishes in one commit 9-11, and 1 000 queued messages about 50.
 const PIN_MAX_PAGES: usize = 24;
 
 pub(crate) struct Store {
