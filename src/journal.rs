@@ -1388,6 +1388,32 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
+    /// The changed run of a page against every single-byte and two-byte difference, at word
+    /// edges and inside words, checked against a byte-by-byte scan.
+    #[test]
+    fn changed_finds_the_first_and_last_differing_bytes() {
+        let old = vec![0x5au8; PAGE as usize];
+        assert_eq!(changed(&old, &old), None);
+        let naive = |new: &[u8]| {
+            let first = (0..new.len()).find(|&i| new[i] != old[i])?;
+            let last = (0..new.len()).rev().find(|&i| new[i] != old[i])?;
+            Some((first, last + 1))
+        };
+        let spots = [0, 1, 7, 8, 9, 63, 64, 2047, 2048, 4088, 4094, 4095];
+        for &a in &spots {
+            for &b in &spots {
+                let mut new = old.clone();
+                new[a] ^= 1;
+                new[b] ^= 0x80;
+                assert_eq!(
+                    changed(&new, &old),
+                    naive(&new),
+                    "bytes {a} and {b} changed"
+                );
+            }
+        }
+    }
+
     /// A seeded source of numbers below `n`, for the model tests.
     fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
         move |n| {
