@@ -39,7 +39,7 @@ impl Opened {
 }
 
 /// The largest last durable commit, in 4 KiB pages, after which a durable commit holds the
-/// state before it (see [`Store::commit_pinned`]). A one-message commit writes 6-10 pages, 64
+/// state before it (see [`Store::commit_durable`]). A one-message commit writes 6-10 pages, 64
 /// writers' publishes in one commit 9-11, and 1 000 queued messages about 50.
 const PIN_MAX_PAGES: usize = 24;
 
@@ -52,13 +52,13 @@ pub(crate) struct Store {
     /// `STORAGE_FAILURES` when this store last looked.
     failures_seen: AtomicU64,
     /// Durable commits may hold a snapshot of the state before them (see
-    /// [`Store::commit_pinned`]).
+    /// [`Store::commit_durable`]).
     pin_durable: bool,
 }
 
 impl Store {
     /// `pin_durable`: whether durable commits may hold a snapshot of the state before them,
-    /// for a file no other process shares (see [`Store::commit_pinned`]).
+    /// for a file no other process shares (see [`Store::commit_durable`]).
     pub(crate) fn new(opened: Opened, reopen: Reopen, pin_durable: bool) -> Self {
         Store {
             db: RwLock::new(Some(opened)),
@@ -91,11 +91,6 @@ impl Store {
         })
     }
 
-    /// Commits `txn`, durable.
-    pub(crate) fn commit_durable(&self, txn: redb::WriteTransaction) -> Result<()> {
-        self.commit_pinned(txn, self.journal().as_deref())
-    }
-
     /// Commits `txn`, durable; after a small durable commit, with a snapshot of the state
     /// before it held open across the commit. After a durable commit redb frees the pages it
     /// replaced in a second commit of its own (a non-durable "epilogue": its system tables
@@ -108,22 +103,26 @@ impl Store {
     /// allocates, and the file would grow. The size of the last commit stands for this one's
     /// (the journal knows it; without a journal, no snapshot). Where other processes share
     /// the file redb has no epilogue, and the snapshot would only cost.
-    fn commit_pinned(
-        &self,
-        txn: redb::WriteTransaction,
-        journal: Option<&dyn Deferred>,
-    ) -> Result<()> {
-        let pin = match journal {
-            Some(j) if self.pin_durable && j.last_sync_pages() <= PIN_MAX_PAGES => {
-                use redb::ReadableDatabase;
-                // Failing, it only leaves the commit its epilogue.
-                self.db.read().as_ref().and_then(|o| o.db.begin_read().ok())
-            }
-            _ => None,
-        };
+    pub(crate) fn commit_durable(&self, txn: redb::WriteTransaction) -> Result<()> {
+        let pin = self.pin();
         let committed = self.commit(txn);
         drop(pin);
         committed
+    }
+
+    /// The snapshot [`Store::commit_durable`] holds across its commit, when it takes one.
+    fn pin(&self) -> Option<redb::ReadTransaction> {
+        use redb::ReadableDatabase;
+        if !self.pin_durable {
+            return None;
+        }
+        let slot = self.db.read();
+        let opened = slot.as_ref()?;
+        if opened.journal.as_ref()?.last_sync_pages() > PIN_MAX_PAGES {
+            return None;
+        }
+        // Failing, it only leaves the commit its epilogue.
+        opened.db.begin_read().ok()
     }
 
     /// The journal under the current handle, when the file has one.
@@ -138,10 +137,10 @@ impl Store {
     /// there mostly finds it; one that does not is woken again after the commit.
     pub(crate) fn commit_telling(&self, txn: redb::WriteTransaction, durable: Hook) -> Result<()> {
         let Some(journal) = self.journal() else {
-            return self.commit(txn);
+            return self.commit_durable(txn);
         };
         journal.on_durable(Some(durable));
-        let committed = self.commit_pinned(txn, Some(&*journal));
+        let committed = self.commit_durable(txn);
         // A commit that synced nothing (or failed first) leaves it: not for a later one.
         journal.on_durable(None);
         committed
@@ -154,13 +153,13 @@ impl Store {
     pub(crate) fn commit_then_sync(&self, mut txn: redb::WriteTransaction) -> Result<()> {
         txn.set_durability(redb::Durability::Immediate)?;
         let Some(journal) = self.journal() else {
-            return self.commit(txn);
+            return self.commit_durable(txn);
         };
         {
             // Off again however the commit ends, a panic included: a deferral left on would
             // make every later durable commit return before its fsync.
             let _deferred = DeferGuard::on(&*journal);
-            self.commit_pinned(txn, Some(&*journal))?;
+            self.commit_durable(txn)?;
         }
         journal.fsync().map_err(|e| {
             self.failed.store(true, Ordering::Release);
