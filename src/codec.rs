@@ -26,6 +26,19 @@ use crate::topic::{Retention, TopicConfig};
 /// The header size of every envelope.
 pub(crate) const HEADER_BYTES: usize = 6;
 
+/// The CRC-32C (Castagnoli) of `parts`, one after the other: the checksum of every envelope,
+/// journal record and header slot. crc-fast folds with carry-less multiplication (VPCLMULQDQ
+/// where the CPU has it): on 16 KiB, 2.4 times the rate of the SSE4.2 `crc32` instruction
+/// that the crc32c crate uses, whose checksum took a sixth of a topic read here.
+pub(crate) fn crc32c(parts: &[&[u8]]) -> u32 {
+    let mut digest = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
+    for part in parts {
+        digest.update(part);
+    }
+    // A 32-bit CRC in a u64: the upper half is zero.
+    digest.finalize() as u32
+}
+
 /// What an envelope's body holds.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(u8)]
@@ -121,7 +134,7 @@ impl Writer {
     }
 
     pub(crate) fn finish(mut self) -> Vec<u8> {
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&self.buf[..2]), &self.buf[HEADER_BYTES..]);
+        let crc = crc32c(&[&self.buf[..2], &self.buf[HEADER_BYTES..]]);
         self.buf[2..HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
         self.buf
     }
@@ -170,7 +183,7 @@ impl<'a> Reader<'a> {
             )));
         }
         let stored = u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]);
-        let actual = crc32c::crc32c_append(crc32c::crc32c(&bytes[..2]), &bytes[HEADER_BYTES..]);
+        let actual = crc32c(&[&bytes[..2], &bytes[HEADER_BYTES..]]);
         if stored != actual {
             return Err(Error::corrupted(format!("{what}: checksum mismatch")));
         }
@@ -1196,7 +1209,7 @@ pub(crate) fn restate_entry(bytes: &[u8], head: EntryHead) -> Result<Vec<u8>> {
     body[1] = head.priority;
     body[2..6].copy_from_slice(&head.delivery_count.to_le_bytes());
     body[6..14].copy_from_slice(&head.due_ms.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..2]), &out[HEADER_BYTES..]);
+    let crc = crc32c(&[&out[..2], &out[HEADER_BYTES..]]);
     out[2..HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
     Ok(out)
 }

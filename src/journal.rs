@@ -66,6 +66,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use parking_lot::{Mutex, RwLock};
 use redb::{BackendError, StorageBackend};
 
+use crate::codec::crc32c;
+
 /// The unit of the page maps and of alignment in the journal.
 const PAGE: u64 = 4096;
 /// The two header slots.
@@ -218,7 +220,7 @@ fn parse_slot(b: &[u8]) -> Option<(u64, u64)> {
     }
     let mut copy = b[..48].to_vec();
     copy[20..24].fill(0);
-    if crc32c::crc32c(&copy) != le_u32(b, 20) {
+    if crc32c(&[&copy]) != le_u32(b, 20) {
         return None;
     }
     let (journal_bytes, counter) = (le_u64(b, 24), le_u64(b, 32));
@@ -232,7 +234,7 @@ fn encode_slot(journal_bytes: u64, counter: u64) -> Vec<u8> {
     b[16..20].copy_from_slice(&VERSION.to_le_bytes());
     b[24..32].copy_from_slice(&journal_bytes.to_le_bytes());
     b[32..40].copy_from_slice(&counter.to_le_bytes());
-    let crc = crc32c::crc32c(&b[..48]);
+    let crc = crc32c(&[&b[..48]]);
     b[20..24].copy_from_slice(&crc.to_le_bytes());
     b
 }
@@ -534,7 +536,7 @@ impl<B: StorageBackend> Journal<B> {
         self.read_more(pos, &mut record, size)?;
         let stored = le_u32(&record, 44);
         record[44..48].fill(0);
-        if crc32c::crc32c(&record) != stored {
+        if crc32c(&[&record]) != stored {
             return Ok(None);
         }
         let (generation, len, floor) =
@@ -754,7 +756,7 @@ impl<B: StorageBackend> Journal<B> {
         debug_assert_eq!(buffer.len(), at + lists as usize + bytes as usize);
         buffer.resize(at + size as usize, 0);
         let record = &mut buffer[at..];
-        let crc = crc32c::crc32c(record);
+        let crc = crc32c(&[record]);
         record[44..48].copy_from_slice(&crc.to_le_bytes());
         let offset = HEADER_BYTES + s.pos;
         // Written through, a record goes out in one write that returns once it is on the
@@ -1254,7 +1256,7 @@ mod tests {
         record[24..32].copy_from_slice(&PAGE.to_le_bytes()); // length; floor 0
         record[40..44].copy_from_slice(&1u32.to_le_bytes()); // one page: page 0
         record[PAGE as usize..][..5].copy_from_slice(b"v1-ok");
-        let crc = crc32c::crc32c(&record);
+        let crc = crc32c(&[&record]);
         record[44..48].copy_from_slice(&crc.to_le_bytes());
         d.write(HEADER_BYTES, &record).unwrap();
         let j = reopen(&d);

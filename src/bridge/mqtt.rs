@@ -75,7 +75,7 @@ fn to_message(p: &Publish) -> Message {
         .find(|(k, _)| k == "mqlite-id")
         .map(|(_, v)| v.as_str());
     let topic = String::from_utf8_lossy(&p.topic).replace('/', ".");
-    let fallback = u128::from(crc32c::crc32c(&p.payload)) << 64 | u128::from(p.pkid);
+    let fallback = u128::from(crate::codec::crc32c(&[&p.payload])) << 64 | u128::from(p.pkid);
     let mut message = Message::new(p.payload.to_vec())
         .with_id(message_id(sent_id, fallback))
         .with_routing_key(topic);
