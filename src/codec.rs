@@ -29,7 +29,7 @@ pub(crate) const HEADER_BYTES: usize = 6;
 /// The CRC-32C (Castagnoli) of `parts`, one after the other: the checksum of every envelope,
 /// journal record and header slot. crc-fast folds with carry-less multiplication (VPCLMULQDQ
 /// where the CPU has it): on 16 KiB, 2.4 times the rate of the SSE4.2 `crc32` instruction
-/// that the crc32c crate uses, whose checksum took a sixth of a topic read here.
+/// that the crc32c crate uses, whose checksum took a fifth of a topic read here.
 pub(crate) fn crc32c(parts: &[&[u8]]) -> u32 {
     let mut digest = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
     for part in parts {
@@ -1513,6 +1513,20 @@ pub(crate) fn decode_binding(bytes: &[u8]) -> Result<BindingRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_checksum_is_crc32c_over_its_parts_in_order() {
+        // The CRC-32C (Castagnoli) check value: every file ever written depends on it.
+        assert_eq!(crc32c(&[b"123456789"]), 0xE306_9283);
+        assert_eq!(crc32c(&[b"1234", b"", b"56789"]), 0xE306_9283);
+        assert_eq!(crc32c(&[]), 0);
+        // An envelope's checksum covers its kind and version, then its body.
+        let bytes = encode_message(&sample());
+        let stored = u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]);
+        let mut joined = bytes[..2].to_vec();
+        joined.extend_from_slice(&bytes[HEADER_BYTES..]);
+        assert_eq!(stored, crc32c(&[&joined]));
+    }
 
     fn sample() -> Message {
         Message {
