@@ -201,15 +201,27 @@ fn align(n: u64) -> u64 {
 }
 
 /// The bytes of a page that differ between two images, as `start..end`; `None` when none do.
-/// Pages are whole words long (4 KiB), and words compare without a call each.
+/// Pages are whole blocks long (4 KiB). Blocks of 32 bytes compare as vectors without a call
+/// each, so the scan from either end takes a quarter of the steps of one a word at a time;
+/// the differing block is then narrowed to its byte.
 fn changed(new: &[u8], old: &[u8]) -> Option<(usize, usize)> {
-    let (new, old) = (new.as_chunks::<8>().0, old.as_chunks::<8>().0);
-    let differs = |(a, b): (&[u8; 8], &[u8; 8])| a != b;
-    let first = new.iter().zip(old).position(differs)?;
-    let last = new.iter().zip(old).rposition(differs).unwrap_or(first);
-    let byte = |w: usize, i: usize| new[w][i] != old[w][i];
-    let start = first * 8 + (0..8).find(|&i| byte(first, i)).unwrap_or(0);
-    let end = last * 8 + (0..8).rev().find(|&i| byte(last, i)).unwrap_or(7) + 1;
+    const BLOCK: usize = 32;
+    let (blocks_new, blocks_old) = (new.as_chunks::<BLOCK>().0, old.as_chunks::<BLOCK>().0);
+    let differs = |(a, b): (&[u8; BLOCK], &[u8; BLOCK])| a != b;
+    let first = blocks_new.iter().zip(blocks_old).position(differs)?;
+    let last = blocks_new
+        .iter()
+        .zip(blocks_old)
+        .rposition(differs)
+        .unwrap_or(first);
+    let byte = |i: usize| new[i] != old[i];
+    let (first, last) = (first * BLOCK, last * BLOCK);
+    let start = (first..first + BLOCK).find(|&i| byte(i)).unwrap_or(first);
+    let end = (last..last + BLOCK)
+        .rev()
+        .find(|&i| byte(i))
+        .unwrap_or(last + BLOCK - 1)
+        + 1;
     Some((start, end))
 }
 
