@@ -10,7 +10,10 @@
 //! of the same run, never absolute numbers across runs. The systems of each write ratio (W1
 //! and W2 with the fsync probe and SQLite, W3 with the raw disk and SQLite) run in interleaved
 //! slices, so that they see the same disk; W6 compares with an fsync timed in the same rounds.
+//! W1's one-thread rows also report their time on a CPU per operation (user and system, from
+//! Linux's schedstat): what a commit costs beyond waiting for the disk.
 
+use std::cell::Cell;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -83,6 +86,43 @@ impl Bench {
             }
         }
         totals.iter().map(|(n, secs)| n / secs).collect()
+    }
+}
+
+/// The time this thread has spent on a CPU (user and system), in nanoseconds, from Linux's
+/// schedstat; `None` where there is none.
+fn thread_cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The CPU time of one workload's slices on the bench's thread, and the operations they did:
+/// what a commit costs beyond waiting for the disk.
+#[derive(Default)]
+struct OnCpu {
+    ns: Cell<Option<u64>>,
+    ops: Cell<f64>,
+}
+
+impl OnCpu {
+    /// Runs `slice`, which returns the operations it did, and adds its CPU time.
+    fn time(&self, slice: impl FnOnce() -> f64) -> f64 {
+        let before = thread_cpu_ns();
+        let ops = slice();
+        let spent = before.zip(thread_cpu_ns()).map(|(a, b)| b - a);
+        self.ns
+            .set(self.ns.get().zip(spent).map(|(a, b)| a + b).or(spent));
+        self.ops.set(self.ops.get() + ops);
+        ops
+    }
+
+    /// Microseconds on a CPU per operation, when the system tells.
+    fn per_op_us(&self) -> Option<f64> {
+        Some(self.ns.get()? as f64 / 1000.0 / self.ops.get())
     }
 }
 
@@ -180,36 +220,46 @@ fn w1_w2(b: &mut Bench) -> [f64; 4] {
     });
     let one = Arc::new(parking_lot::Mutex::new(sqlite(&b.path("w2-shared.sqlite"))));
     let shared: Arc<dyn Fn() + Send + Sync> = Arc::new(move || insert(&one.lock()));
+    // The single-thread rows also count their CPU time: a commit's cost beyond the disk.
+    let cpu: [OnCpu; 4] = Default::default();
     let rates = b.interleaved(&mut [
         &mut |slice| {
-            repeat(slice, || {
-                append_sync(&mut fsync, &PAYLOAD);
-                1.0
+            cpu[0].time(|| {
+                repeat(slice, || {
+                    append_sync(&mut fsync, &PAYLOAD);
+                    1.0
+                })
             })
         },
         &mut |slice| {
-            repeat(slice, || {
-                db.write(|t| t.publish("t", &Message::new(PAYLOAD.to_vec())))
-                    .expect("publish");
-                1.0
+            cpu[1].time(|| {
+                repeat(slice, || {
+                    db.write(|t| t.publish("t", &Message::new(PAYLOAD.to_vec())))
+                        .expect("publish");
+                    1.0
+                })
             })
         },
         &mut |slice| {
-            repeat(slice, || {
-                let t = redb.begin_write().expect("begin");
-                t.open_table(RAW)
-                    .expect("table")
-                    .insert(k, PAYLOAD.as_slice())
-                    .expect("insert");
-                t.commit().expect("commit");
-                k += 1;
-                1.0
+            cpu[2].time(|| {
+                repeat(slice, || {
+                    let t = redb.begin_write().expect("begin");
+                    t.open_table(RAW)
+                        .expect("table")
+                        .insert(k, PAYLOAD.as_slice())
+                        .expect("insert");
+                    t.commit().expect("commit");
+                    k += 1;
+                    1.0
+                })
             })
         },
         &mut |slice| {
-            repeat(slice, || {
-                insert(&c);
-                1.0
+            cpu[3].time(|| {
+                repeat(slice, || {
+                    insert(&c);
+                    1.0
+                })
             })
         },
         &mut |slice| threads(slice, &many),
@@ -230,6 +280,18 @@ fn w1_w2(b: &mut Bench) -> [f64; 4] {
         "msg/s",
         "WAL, synchronous=FULL, insert per txn",
     );
+    let systems = ["fsync", "mqlite", "redb", "sqlite"];
+    for (system, cpu) in systems.into_iter().zip(&cpu) {
+        if let Some(us) = cpu.per_op_us() {
+            b.push(
+                "W1",
+                system,
+                us,
+                "us",
+                "on a CPU per operation (user + system), same slices",
+            );
+        }
+    }
     b.push(
         "W2",
         "mqlite",
