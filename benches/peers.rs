@@ -104,7 +104,7 @@ fn thread_cpu_ns() -> Option<u64> {
 /// what a commit costs beyond waiting for the disk.
 #[derive(Default)]
 struct OnCpu {
-    ns: Cell<Option<u64>>,
+    ns: Cell<u64>,
     ops: Cell<f64>,
 }
 
@@ -113,16 +113,17 @@ impl OnCpu {
     fn time(&self, slice: impl FnOnce() -> f64) -> f64 {
         let before = thread_cpu_ns();
         let ops = slice();
-        let spent = before.zip(thread_cpu_ns()).map(|(a, b)| b - a);
-        self.ns
-            .set(self.ns.get().zip(spent).map(|(a, b)| a + b).or(spent));
+        if let (Some(a), Some(b)) = (before, thread_cpu_ns()) {
+            self.ns.set(self.ns.get() + (b - a));
+        }
         self.ops.set(self.ops.get() + ops);
         ops
     }
 
     /// Microseconds on a CPU per operation, when the system tells.
     fn per_op_us(&self) -> Option<f64> {
-        Some(self.ns.get()? as f64 / 1000.0 / self.ops.get())
+        thread_cpu_ns()?;
+        Some(self.ns.get() as f64 / 1000.0 / self.ops.get())
     }
 }
 
