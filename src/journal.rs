@@ -58,8 +58,6 @@
 //! holds records (a writer must recover it first); in the exclusive mode it replays them in
 //! memory.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -68,6 +66,7 @@ use parking_lot::{Mutex, RwLock};
 use redb::{BackendError, StorageBackend};
 
 use crate::codec::crc32c;
+use crate::id_hash::IdMap;
 
 /// The unit of the page maps and of alignment in the journal.
 const PAGE: u64 = 4096;
@@ -258,35 +257,8 @@ fn encode_slot(journal_bytes: u64, counter: u64) -> Vec<u8> {
 /// A page image.
 type Image = Box<[u8]>;
 
-/// Hashes a page number with one multiplication and a fold. The page maps are hashed several times a
-/// page a commit, and SipHash, the standard maps' default, was about 1.5 % of the instructions
-/// of a one-publish commit; page numbers come from redb, not from anyone who could choose
-/// them to collide.
-#[derive(Default)]
-struct PageHasher(u64);
-
-impl Hasher for PageHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        // Fibonacci hashing: an odd multiplier mixes every bit of the page into the high
-        // bits, from which hashbrown takes its tag.
-        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-
-    fn finish(&self) -> u64 {
-        // hashbrown takes the bucket from the low bits, and the low bits of a product see
-        // only the low bits of the page: pages a power of two apart would share a bucket
-        // without the high half folded in.
-        self.0 ^ (self.0 >> 32)
-    }
-}
-
-type PageMap = HashMap<u64, Image, BuildHasherDefault<PageHasher>>;
+/// Page images by page number.
+type PageMap = IdMap<u64, Image>;
 
 /// Page images no layer holds any more, for the next pages written: a commit writes a few
 /// pages, each a 4 KiB allocation that glibc serves from its slower bins, and replaces as
@@ -1484,23 +1456,6 @@ mod tests {
 
     /// The changed run of a page against every single-byte and two-byte difference, at word
     /// edges and inside words, checked against a byte-by-byte scan.
-    #[test]
-    fn page_hashes_spread_pages_over_buckets() {
-        use std::hash::BuildHasher;
-        let hasher = BuildHasherDefault::<PageHasher>::default();
-        let buckets = |pages: &mut dyn Iterator<Item = u64>| {
-            let mut seen: Vec<u64> = pages.map(|p| hasher.hash_one(p) & 63).collect();
-            seen.sort_unstable();
-            seen.dedup();
-            seen.len()
-        };
-        // 64 pages in 64 buckets land about as a random hash would put them (40 buckets on
-        // average), whether consecutive or 2^20 apart (the same low bits: without the high
-        // half folded into the low one, all 64 would share one bucket).
-        assert!(buckets(&mut (1000..1064)) >= 32);
-        assert!(buckets(&mut (0..64).map(|i| i << 20)) >= 32);
-    }
-
     #[test]
     fn changed_finds_the_first_and_last_differing_bytes() {
         let old = vec![0x5au8; PAGE as usize];

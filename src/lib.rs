@@ -19,6 +19,7 @@ mod db;
 mod dedup;
 mod dump;
 mod error;
+mod id_hash;
 mod inspect;
 mod journal;
 mod message;

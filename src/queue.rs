@@ -12,13 +12,13 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
 
 use parking_lot::Mutex;
 use redb::ReadableTable;
 
 use crate::codec::{self, EntryHead, EntryState, QueueEntry, QueueRecord};
 use crate::error::{Error, Result};
+use crate::id_hash::IdMap;
 use crate::message::{Message, check_message};
 use crate::schema::{QUEUE_ENTRIES, QUEUE_FIFO, QUEUE_READY, QUEUE_TIMERS, QUEUES, priority_rank};
 use crate::txn::{ReadTransaction, WriteTransaction};
@@ -404,33 +404,11 @@ struct QueueOp<'t> {
 /// before it commits.
 #[derive(Default)]
 pub(crate) struct Unwritten {
-    leases: HashMap<(u64, u64), UnwrittenLease, BuildHasherDefault<SequenceHasher>>,
+    leases: IdMap<(u64, u64), UnwrittenLease>,
     appends: BTreeMap<u64, Vec<(u64, QueueEntry)>>,
     heads: BTreeMap<u64, u64>,
     /// By name; a transaction touches few queues.
     records: Vec<(String, QueueRecord)>,
-}
-
-/// The hasher of the unwritten leases' (queue id, sequence) keys: FxHash's multiply-rotate.
-/// The keys are mqlite's own, never chosen by a peer, so SipHash's defence against flooding
-/// buys nothing here, and hashing with it was 6 % of a receive-and-ack in the W5 profile.
-#[derive(Default)]
-struct SequenceHasher(u64);
-
-impl Hasher for SequenceHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
 }
 
 #[derive(Clone, Copy)]
