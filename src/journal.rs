@@ -843,10 +843,9 @@ impl<B: StorageBackend> Journal<B> {
         }
         s.pos += size;
         s.seq += 1;
-        let mut pending = std::mem::take(&mut s.pending);
-        s.durable.absorb(&mut pending, s.durable_len, &mut s.spare);
-        pending.reset(s.len, &mut s.spare);
-        s.pending = pending;
+        s.durable
+            .absorb(&mut s.pending, s.durable_len, &mut s.spare);
+        s.pending.reset(s.len, &mut s.spare);
         s.durable_len = s.len;
         if sync_now && let Some(hook) = self.on_durable.lock().take() {
             hook();
@@ -1034,10 +1033,10 @@ impl<B: StorageBackend> StorageBackend for Journal<B> {
             if !len.is_multiple_of(PAGE) {
                 // The page the file now ends in keeps its head and reads zeros after it.
                 let p = len / PAGE;
-                let mut img = vec![0u8; PAGE as usize];
+                let mut img = s.spare.take();
                 self.visible(&s, p, &mut img)?;
                 img[(len % PAGE) as usize..].fill(0);
-                s.pending.pages.insert(p, img.into());
+                s.pending.pages.insert(p, img);
             }
             s.pending.floor = s.pending.floor.min(len);
         }
