@@ -419,19 +419,42 @@ pub(crate) fn read_message(r: &mut Reader<'_>) -> Result<Message> {
 
 /// The bytes a record batch takes besides its items: the envelope header and the count.
 const BATCH_OVERHEAD: usize = HEADER_BYTES + 4;
-/// Most items in one record batch.
-pub(crate) const BATCH_ITEMS: usize = 256;
-/// Most encoded bytes in one record batch (unless one item alone is larger). redb keeps a
-/// value this large alone in a leaf page rounded up to a power of two, so the batch is sized to
-/// fill a 16 KiB page with room for the leaf's header and key: a batch just over it would take
-/// a 32 KiB page, half of it empty, and every read would copy the empty half.
-const BATCH_BYTES: usize = (16 << 10) - 128;
+/// How large a record batch may grow: `items`, and `bytes` encoded (unless one item alone is
+/// larger). redb keeps a value this large alone in a leaf page rounded up to a power of two,
+/// so the bytes are sized to fill a page with room for the leaf's header and key: a batch
+/// just over it would take a page twice the size, half of it empty, and every read would copy
+/// the empty half.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BatchLimit {
+    pub(crate) items: usize,
+    bytes: usize,
+}
 
-/// Splits items into record batches: up to [`BATCH_ITEMS`] items, or as many as fit in
-/// [`BATCH_BYTES`] by `encoded_len`, which is given the item before in the same batch (`None`
-/// for a batch's first item, whose encoding may be longer).
+/// Topic logs: 16 KiB pages.
+pub(crate) const LOG_BATCH: BatchLimit = BatchLimit {
+    items: 256,
+    bytes: (16 << 10) - 128,
+};
+
+/// Queue FIFO lanes: 16 KiB pages.
+pub(crate) const LANE_BATCH: BatchLimit = BatchLimit {
+    items: 256,
+    bytes: (16 << 10) - 128,
+};
+
+impl BatchLimit {
+    /// Whether an item of `next` encoded bytes joins a record batch that holds `count` items
+    /// in `bytes` (its overhead included): the first item always.
+    fn joins(self, count: usize, bytes: usize, next: usize) -> bool {
+        count == 0 || (count < self.items && bytes + next <= self.bytes)
+    }
+}
+
+/// Splits items into record batches within `limit`, by `encoded_len`, which is given the item
+/// before in the same batch (`None` for a batch's first item, whose encoding may be longer).
 pub(crate) fn split_batches<T>(
     items: &[T],
+    limit: BatchLimit,
     encoded_len: impl Fn(Option<&T>, &T) -> usize,
 ) -> impl Iterator<Item = &[T]> {
     let mut rest = items;
@@ -443,7 +466,7 @@ pub(crate) fn split_batches<T>(
         let mut n = 0;
         while n < rest.len() {
             let next = encoded_len(n.checked_sub(1).map(|p| &rest[p]), &rest[n]);
-            if !joins_batch(n, bytes, next) {
+            if !limit.joins(n, bytes, next) {
                 break;
             }
             bytes += next;
@@ -453,13 +476,6 @@ pub(crate) fn split_batches<T>(
         rest = tail;
         Some(chunk)
     })
-}
-
-/// Whether an item of `next` encoded bytes joins a record batch that holds `count` items in
-/// `bytes` (its overhead included): up to [`BATCH_ITEMS`] items and [`BATCH_BYTES`] bytes, and
-/// the first item always.
-fn joins_batch(count: usize, bytes: usize, next: usize) -> bool {
-    count == 0 || (count < BATCH_ITEMS && bytes + next <= BATCH_BYTES)
 }
 
 /// The layout of the record batches this build writes. Layout 1 (files of format 2 and older)
@@ -735,6 +751,48 @@ impl<'a> BatchReader<'a> {
         }
         read_dense(&mut self.r, &mut self.prev, false).map(|_| ())
     }
+
+    /// Hands the next `n` messages to `take`, numbered from `first`.
+    #[inline]
+    fn read_into(
+        &mut self,
+        first: usize,
+        n: usize,
+        take: &mut impl FnMut(usize, Message),
+    ) -> Result<()> {
+        for i in 0..n {
+            match self.take_plain() {
+                Some((id, timestamp_ms, payload)) => take(
+                    first + i,
+                    Message {
+                        id,
+                        key: None,
+                        routing_key: String::new(),
+                        headers: Vec::new(),
+                        payload,
+                        timestamp_ms,
+                    },
+                ),
+                None => take(first + i, self.take()?),
+            }
+        }
+        Ok(())
+    }
+
+    /// A cursor on the `left` messages after this reader's position; `None` unless the rest
+    /// of the batch was shared.
+    fn into_cursor(self, left: usize) -> Option<BatchCursor> {
+        let (shared, base) = self.r.shared?;
+        Some(BatchCursor {
+            shared,
+            base,
+            at: self.r.offset,
+            layout: self.layout,
+            left,
+            prev: self.prev,
+            what: self.r.what,
+        })
+    }
 }
 
 /// A topic record batch filled one message at a time, for appends a transaction holds back
@@ -752,7 +810,7 @@ impl OpenBatch {
     pub(crate) fn new(message: &Message, now_ms: u64, expected: usize) -> Self {
         let timestamp_ms = stamp(message, now_ms);
         let first = dense_len(None, message, timestamp_ms);
-        let room = expected.clamp(first, BATCH_BYTES - BATCH_OVERHEAD);
+        let room = expected.clamp(first, LOG_BATCH.bytes - BATCH_OVERHEAD);
         let mut w = Writer::with_layout(Kind::Batch, BATCH_LAYOUT, 4 + room);
         w.u32(1);
         let last = write_dense(&mut w, None, message, timestamp_ms);
@@ -763,7 +821,7 @@ impl OpenBatch {
     pub(crate) fn push(&mut self, message: &Message, now_ms: u64) -> bool {
         let timestamp_ms = stamp(message, now_ms);
         let next = dense_len(Some(self.last), message, timestamp_ms);
-        if !joins_batch(self.count as usize, self.len(), next) {
+        if !LOG_BATCH.joins(self.count as usize, self.len(), next) {
             return false;
         }
         self.last = write_dense(&mut self.w, Some(self.last), message, timestamp_ms);
@@ -858,37 +916,101 @@ pub(crate) fn decode_batch_part(
     what: &'static str,
     skip: usize,
     max: usize,
-    mut take: impl FnMut(usize, Message),
+    take: impl FnMut(usize, Message),
 ) -> Result<usize> {
+    Ok(decode_batch_keeping(bytes, what, skip, max, false, take)?.0)
+}
+
+/// [`decode_batch_part`], which also returns, when `keep` and the read stops inside the batch,
+/// a [`BatchCursor`] to go on from there.
+pub(crate) fn decode_batch_keeping(
+    bytes: &[u8],
+    what: &'static str,
+    skip: usize,
+    max: usize,
+    keep: bool,
+    mut take: impl FnMut(usize, Message),
+) -> Result<(usize, Option<BatchCursor>)> {
     let mut b = BatchReader::open(bytes, what)?;
     let count = b.count;
     for _ in 0..skip.min(count) {
         b.skip()?;
     }
     let wanted = count.saturating_sub(skip).min(max);
-    if wanted > 1 {
+    let stops_inside = skip + wanted < count;
+    if wanted > 1 || (keep && stops_inside) {
         b.r.share_rest();
     }
-    for i in 0..wanted {
-        match b.take_plain() {
-            Some((id, timestamp_ms, payload)) => take(
-                skip + i,
-                Message {
-                    id,
-                    key: None,
-                    routing_key: String::new(),
-                    headers: Vec::new(),
-                    payload,
-                    timestamp_ms,
-                },
-            ),
-            None => take(skip + i, b.take()?),
-        }
-    }
+    b.read_into(skip, wanted, &mut take)?;
     if skip + wanted == count {
         b.r.finish()?;
+        return Ok((count, None));
     }
-    Ok(count)
+    let cursor = if keep && stops_inside {
+        b.into_cursor(count - skip - wanted)
+    } else {
+        None
+    };
+    Ok((count, cursor))
+}
+
+/// A record batch read part way, kept by a reader that goes on with it: the batch's checksum
+/// was verified when it was read, and the messages before the cursor are not decoded again.
+/// Consumers polling a few messages at a time read a batch in many polls; each poll
+/// otherwise looked the batch up, checksummed all of it and stepped over the messages it had
+/// returned already.
+pub(crate) struct BatchCursor {
+    /// The batch's body from some message on (payloads share it), and the envelope offset it
+    /// starts at.
+    shared: Arc<[u8]>,
+    base: usize,
+    /// The envelope offset of the next message.
+    at: usize,
+    layout: u8,
+    /// The messages not read yet.
+    left: usize,
+    prev: Option<Previous>,
+    what: &'static str,
+}
+
+impl BatchCursor {
+    /// Decodes up to `max` of the messages left, handing each to `take` with its index from
+    /// the cursor; returns how many.
+    pub(crate) fn read(
+        &mut self,
+        max: usize,
+        mut take: impl FnMut(usize, Message),
+    ) -> Result<usize> {
+        let shared = Arc::clone(&self.shared);
+        let body = shared
+            .get(self.at - self.base..)
+            .ok_or_else(|| Error::corrupted(format!("{}: batch cursor", self.what)))?;
+        let mut b = BatchReader {
+            r: Reader {
+                body,
+                what: self.what,
+                offset: self.at,
+                shared: Some((Arc::clone(&shared), self.base)),
+            },
+            layout: self.layout,
+            count: self.left,
+            prev: self.prev.take(),
+        };
+        let n = self.left.min(max);
+        b.read_into(0, n, &mut take)?;
+        self.left -= n;
+        self.at = b.r.offset;
+        self.prev = b.prev;
+        if self.left == 0 {
+            b.r.finish()?;
+        }
+        Ok(n)
+    }
+
+    /// The messages not read yet.
+    pub(crate) fn left(&self) -> usize {
+        self.left
+    }
 }
 
 /// Steps over one message body, checking it as [`read_message`] does, without copying it.

@@ -39,6 +39,8 @@ pub struct Consumer {
     topic: String,
     group: String,
     position: u64,
+    /// The record batch the last poll stopped in.
+    cursor: Option<crate::topic::LogCursor>,
 }
 
 impl Database {
@@ -55,6 +57,7 @@ impl Database {
             topic: topic.to_owned(),
             group: group.to_owned(),
             position,
+            cursor: None,
         })
     }
 
@@ -276,13 +279,19 @@ impl Consumer {
     /// first one, and advances the position past what it returns. A position below the oldest
     /// stored message (removed by retention) moves up to it.
     ///
+    /// Small polls are cheap: the consumer keeps the record batch its last poll stopped in,
+    /// and a poll from that position reads on inside it, without looking the batch up again,
+    /// checksumming it again or stepping over the messages it returned already.
+    ///
     /// # Errors
     ///
     /// [`Error::UnknownTopic`] (the topic was deleted), [`Error::Corrupted`], storage errors.
     pub fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<Record>> {
-        let (topic, position) = (&self.topic, self.position);
+        let (topic, position, cursor) = (&self.topic, self.position, &mut self.cursor);
         let found = self.db.wait_for(timeout, || {
-            let records = self.db.read(|r| r.read_topic(topic, position, max))?;
+            let records = self
+                .db
+                .read(|r| r.read_topic_on(topic, position, max, cursor))?;
             Ok(((!records.is_empty()).then_some(records), None))
         })?;
         let records = found.unwrap_or_default();

@@ -429,7 +429,9 @@ pub(crate) fn write_unwritten(txn: &WriteTransaction<'_>) -> Result<()> {
     }
     let mut fifo = txn.table(QUEUE_FIFO)?;
     for (id, items) in &pending.appends {
-        for chunk in codec::split_batches(items, |_, (_, e)| 8 + codec::entry_encoded_len(e)) {
+        for chunk in codec::split_batches(items, codec::LANE_BATCH, |_, (_, e)| {
+            8 + codec::entry_encoded_len(e)
+        }) {
             let last = chunk.last().map_or(0, |(seq, _)| *seq);
             fifo.insert((*id, last), codec::encode_queue_batch(chunk).as_slice())?;
         }

@@ -174,17 +174,64 @@ pub(crate) fn info(name: &str, t: &TopicRecord) -> TopicInfo {
     }
 }
 
-/// Reads up to `max` records from `from` (clamped to the first stored offset).
+/// Where a reader of a topic stopped inside a record batch, for its next read (a
+/// [`Consumer`](crate::Consumer) keeps one between polls).
+pub(crate) struct LogCursor {
+    topic: u64,
+    /// The offset of the batch's next message.
+    next: u64,
+    batch: codec::BatchCursor,
+}
+
+impl std::fmt::Debug for LogCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogCursor")
+            .field("topic", &self.topic)
+            .field("next", &self.next)
+            .field("left", &self.batch.left())
+            .finish()
+    }
+}
+
+/// Reads up to `max` records from `from` (clamped to the first stored offset). `cursor`, when
+/// given, is where the reader's last read stopped, and is left where this one stops.
 pub(crate) fn read_records(
     log: &impl ReadableTable<(u64, u64), &'static [u8]>,
     topic: &TopicRecord,
     from: u64,
     max: usize,
+    mut cursor: Option<&mut Option<LogCursor>>,
 ) -> Result<Vec<Record>> {
-    let start = from.max(topic.first_offset);
+    let mut start = from.max(topic.first_offset);
     let mut out = Vec::with_capacity(max.min(1024));
     if max == 0 || start >= topic.next_offset {
         return Ok(out);
+    }
+    // The batch the last read stopped in, when this one starts where it stopped (batches are
+    // never rewritten: a retention run that removed it moved the first offset past it).
+    let kept = cursor
+        .as_deref_mut()
+        .and_then(Option::take)
+        .filter(|c| c.topic == topic.id && c.next == start);
+    if let Some(mut kept) = kept {
+        let base = kept.next;
+        let n = kept.batch.read(max, |i, message| {
+            out.push(Record {
+                offset: base + i as u64,
+                message,
+            });
+        })?;
+        kept.next += n as u64;
+        start = kept.next;
+        if kept.batch.left() > 0 {
+            if let Some(cursor) = cursor {
+                *cursor = Some(kept);
+            }
+            return Ok(out);
+        }
+        if out.len() == max || start >= topic.next_offset {
+            return Ok(out);
+        }
     }
     // The batch holding `start` begins at the last key at or before it.
     let first_key = match log.range((topic.id, 0)..=(topic.id, start))?.next_back() {
@@ -210,11 +257,13 @@ pub(crate) fn read_records(
         let skip = start.saturating_sub(base);
         let room = (max - out.len())
             .min(usize::try_from(topic.next_offset - base.max(start)).unwrap_or(usize::MAX));
-        let count = codec::decode_batch_part(
+        let skip_n = usize::try_from(skip).unwrap_or(usize::MAX);
+        let (count, rest) = codec::decode_batch_keeping(
             value.value(),
             "topic log",
-            usize::try_from(skip).unwrap_or(usize::MAX),
+            skip_n,
             room,
+            cursor.is_some(),
             |i, message| {
                 out.push(Record {
                     offset: base + i as u64,
@@ -222,6 +271,13 @@ pub(crate) fn read_records(
                 });
             },
         )?;
+        if let (Some(batch), Some(cursor)) = (rest, cursor.as_deref_mut()) {
+            *cursor = Some(LogCursor {
+                topic: topic.id,
+                next: base + (count - batch.left()) as u64,
+                batch,
+            });
+        }
         if skip >= count as u64 {
             return Err(corrupted(format!(
                 "the batch at {base} ends before {start}"
@@ -671,7 +727,7 @@ impl Unwritten {
             }
             let expected = messages[i..]
                 .iter()
-                .take(codec::BATCH_ITEMS)
+                .take(codec::LOG_BATCH.items)
                 .map(codec::encoded_len)
                 .sum();
             let batch = codec::OpenBatch::new(message, now_ms, expected);
@@ -761,7 +817,7 @@ pub(crate) fn restore_records(
     let mut time = txn.table(LOG_TIME)?;
     let mut base = first;
     let mut last_ms = 0;
-    for chunk in codec::split_batches(messages, codec::batch_item_len) {
+    for chunk in codec::split_batches(messages, codec::LOG_BATCH, codec::batch_item_len) {
         for (i, message) in chunk.iter().enumerate() {
             check_message(message, &limits)?;
             // The time index maps each append time to its first offset; it must stay sorted

@@ -216,6 +216,19 @@ impl ReadTransaction {
     fn complete_queues(&self) -> Result<()> {
         Ok(())
     }
+
+    /// [`ReadTransaction::read_topic`] for a reader that reads on from where it stopped, and
+    /// keeps `cursor` between its reads.
+    pub(crate) fn read_topic_on(
+        &self,
+        topic: &str,
+        from: u64,
+        max: usize,
+        cursor: &mut Option<topic::LogCursor>,
+    ) -> Result<Vec<Record>> {
+        let record = topic::load(&self.table(TOPICS)?, topic)?;
+        topic::read_records(&self.table(LOG)?, &record, from, max, Some(cursor))
+    }
 }
 
 /// The read methods both transactions share, written once.
@@ -260,7 +273,7 @@ macro_rules! reads {
             /// checksum (the bytes are not returned).
             pub fn read_topic(&self, topic: &str, from: u64, max: usize) -> Result<Vec<Record>> {
                 let record = topic::load(&self.table(TOPICS)?, topic)?;
-                topic::read_records(&self.table(LOG)?, &record, from, max)
+                topic::read_records(&self.table(LOG)?, &record, from, max, None)
             }
 
             /// The offset a group created now at `start` would begin at.

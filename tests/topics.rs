@@ -772,6 +772,94 @@ fn retention_and_reads_work_inside_record_batches() {
     );
 }
 
+/// A consumer reads on inside the record batch its last poll stopped in, without looking it
+/// up again; that must never return a message twice, skip one, or serve one of a batch that
+/// is gone. Polls of every size against a model, while batches of every size are published,
+/// the consumer seeks, retention removes batches under it, and the topic is deleted and
+/// created again under the same name (payloads carry the topic's incarnation and offset).
+#[test]
+fn polls_of_any_size_follow_publishes_seeks_retention_and_a_recreated_topic() {
+    for seed in 0..6u64 {
+        let mut rng = Rng::new(seed);
+        let db = Database::in_memory().unwrap();
+        topic(&db, "t", Retention::default());
+        let mut consumer = db.consumer("t", "g", StartAt::Earliest).unwrap();
+        let payload =
+            |life: u32, offset: u64| [life.to_le_bytes(), (offset as u32).to_le_bytes()].concat();
+        let mut life = 0u32;
+        let (mut polls, mut read) = (0, 0);
+        for step in 0..1500 {
+            let info = db.read(|r| r.topic_info("t")).unwrap();
+            let ctx = format!(
+                "seed {seed} step {step} {info:?} position {}",
+                consumer.position()
+            );
+            match rng.below(40) {
+                0..=5 => {
+                    // Up to three batches' worth of small messages, or one.
+                    let n = if rng.chance(30) {
+                        1 + rng.below(3000)
+                    } else {
+                        1 + rng.below(5)
+                    };
+                    let from = info.next_offset;
+                    let batch: Vec<Message> = (from..from + n)
+                        .map(|o| Message::new(payload(life, o)))
+                        .collect();
+                    db.write(|txn| txn.publish_batch("t", &batch)).unwrap();
+                }
+                6 => consumer.seek(rng.below(info.next_offset + 3)),
+                7 => {
+                    let keep = rng.below(info.next_offset - info.first_offset + 2);
+                    db.write(|txn| {
+                        txn.configure_topic(
+                            "t",
+                            TopicConfig::default().retention(Retention {
+                                max_messages: Some(keep),
+                                ..Default::default()
+                            }),
+                        )
+                    })
+                    .unwrap();
+                    db.enforce_retention().unwrap();
+                    db.write(|txn| txn.configure_topic("t", TopicConfig::default()))
+                        .unwrap();
+                }
+                8 if rng.chance(20) => {
+                    db.write(|txn| txn.delete_topic("t")).unwrap();
+                    topic(&db, "t", Retention::default());
+                    life += 1;
+                }
+                _ => {
+                    let max = match rng.below(4) {
+                        0 => 1,
+                        1 => 1 + rng.below(10) as usize,
+                        2 => 1 + rng.below(400) as usize,
+                        _ => 1 + rng.below(3000) as usize,
+                    };
+                    let start = consumer.position().max(info.first_offset);
+                    let end = info.next_offset.min(start.saturating_add(max as u64));
+                    let got = consumer.poll(max, Duration::ZERO).unwrap();
+                    let offsets: Vec<u64> = got.iter().map(|r| r.offset).collect();
+                    assert_eq!(offsets, (start..end).collect::<Vec<_>>(), "{ctx} max {max}");
+                    for r in &got {
+                        assert_eq!(r.message.payload, payload(life, r.offset), "{ctx}");
+                    }
+                    if !got.is_empty() {
+                        assert_eq!(consumer.position(), end, "{ctx}");
+                    }
+                    polls += 1;
+                    read += got.len();
+                }
+            }
+        }
+        assert!(
+            polls > 500 && read > 10_000,
+            "seed {seed}: {polls} polls read {read}"
+        );
+    }
+}
+
 #[test]
 fn publishes_in_one_transaction_share_record_batches_and_read_back_in_it() {
     let db = Database::in_memory().unwrap();
