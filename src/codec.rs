@@ -430,13 +430,17 @@ pub(crate) struct BatchLimit {
     bytes: usize,
 }
 
-/// Topic logs: 16 KiB pages.
+/// Topic logs: 32 KiB pages. Against 16 KiB, a consumer group's pass over 200 000 messages of
+/// 100 B took 15-22 % less time (half the pages to look up in redb's cache and to read), and
+/// 1 000 messages a commit took no longer; a read that starts inside a batch checksums and
+/// steps over more, which a consumer pays once per batch (it keeps a [`BatchCursor`]).
 pub(crate) const LOG_BATCH: BatchLimit = BatchLimit {
-    items: 256,
-    bytes: (16 << 10) - 128,
+    items: 1024,
+    bytes: (32 << 10) - 128,
 };
 
-/// Queue FIFO lanes: 16 KiB pages.
+/// Queue FIFO lanes: 16 KiB pages. A receive of one message reads its lane's batch afresh;
+/// with 32 KiB batches a receive and ack of one message took about 10 % longer.
 pub(crate) const LANE_BATCH: BatchLimit = BatchLimit {
     items: 256,
     bytes: (16 << 10) - 128,
