@@ -814,7 +814,8 @@ impl OpenBatch {
     pub(crate) fn new(message: &Message, now_ms: u64, expected: usize) -> Self {
         let timestamp_ms = stamp(message, now_ms);
         let first = dense_len(None, message, timestamp_ms);
-        let room = expected.clamp(first, LOG_BATCH.bytes - BATCH_OVERHEAD);
+        // A message larger than a batch makes a batch alone.
+        let room = expected.min(LOG_BATCH.bytes - BATCH_OVERHEAD).max(first);
         let mut w = Writer::with_layout(Kind::Batch, BATCH_LAYOUT, 4 + room);
         w.u32(1);
         let last = write_dense(&mut w, None, message, timestamp_ms);

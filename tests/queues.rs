@@ -36,6 +36,31 @@ fn enqueue(db: &Database, q: &str, payload: &str) {
         .unwrap();
 }
 
+/// Messages larger than a lane's record batch (16 KiB) are enqueued in the lane alone and
+/// received whole, in order, among small ones; up to the message size limit (1 MiB).
+#[test]
+fn messages_larger_than_a_lane_batch_are_received_whole_in_order() {
+    let db = Database::in_memory().unwrap();
+    queue(&db, "q", QueueConfig::default());
+    let sizes = [40_000, 0, 100, 20_000, 16_300, (1 << 20) - 200, 100];
+    let payload = |i: usize| vec![i as u8 + 1; sizes[i % sizes.len()]];
+    db.write(|txn| {
+        for i in 0..21 {
+            txn.enqueue("q", &Message::new(payload(i)))?;
+        }
+        Ok::<_, mqlite::Error>(())
+    })
+    .unwrap();
+    let mut got = Vec::new();
+    for max in [1, 2, 100] {
+        got.extend(db.write(|txn| txn.receive("q", max)).unwrap());
+    }
+    assert_eq!(got.len(), 21);
+    for (i, d) in got.iter().enumerate() {
+        assert_eq!(d.message.payload, payload(i), "message {i}");
+    }
+}
+
 fn payloads(d: &[mqlite::Delivery]) -> Vec<String> {
     d.iter()
         .map(|d| String::from_utf8(d.message.payload.to_vec()).unwrap())

@@ -861,6 +861,43 @@ fn polls_of_any_size_follow_publishes_seeks_retention_and_a_recreated_topic() {
     }
 }
 
+/// A message larger than a record batch makes a batch alone, whether published alone, in a
+/// batch among small ones, or by several publishes of one transaction; up to the message
+/// size limit (1 MiB). Builds before 2026-12-07 panicked on any message over about 16 KiB.
+#[test]
+fn messages_larger_than_a_record_batch_publish_and_read_back() {
+    let db = Database::in_memory().unwrap();
+    topic(&db, "t", Retention::default());
+    let sizes = [40_000, 0, 100, 20_000, 32_700, (1 << 20) - 200, 100, 33_000];
+    let payload = |i: usize| vec![i as u8 + 1; sizes[i % sizes.len()]];
+    for i in 0..sizes.len() {
+        db.write(|txn| txn.publish("t", &Message::new(payload(i))))
+            .unwrap();
+    }
+    let batch: Vec<Message> = (8..24).map(|i| Message::new(payload(i))).collect();
+    assert_eq!(
+        db.write(|txn| txn.publish_batch("t", &batch)).unwrap(),
+        8..24
+    );
+    db.write(|txn| {
+        for i in 24..32 {
+            txn.publish("t", &Message::new(payload(i)))?;
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let mut consumer = db.consumer("t", "g", StartAt::Earliest).unwrap();
+    let mut got = Vec::new();
+    for max in [1, 3, 100] {
+        got.extend(consumer.poll(max, Duration::ZERO).unwrap());
+    }
+    assert_eq!(got.len(), 32);
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(r.offset, i as u64);
+        assert_eq!(r.message.payload, payload(i), "offset {i}");
+    }
+}
+
 #[test]
 fn publishes_in_one_transaction_share_record_batches_and_read_back_in_it() {
     let db = Database::in_memory().unwrap();
