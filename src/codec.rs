@@ -427,7 +427,7 @@ const BATCH_OVERHEAD: usize = HEADER_BYTES + 4;
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct BatchLimit {
     pub(crate) items: usize,
-    bytes: usize,
+    pub(crate) bytes: usize,
 }
 
 /// Topic logs: 32 KiB pages. Against 16 KiB, a consumer group's pass over 200 000 messages of
@@ -822,14 +822,22 @@ impl OpenBatch {
         OpenBatch { w, count: 1, last }
     }
 
-    /// Adds `message` if it joins the batch; returns whether it did.
+    /// Adds `message` if it joins the batch; returns whether it did. The message is written
+    /// first and taken back when it does not fit: that happens once a batch, where measuring
+    /// each message before writing it took 4 % of the time of 1 000 published a commit.
     pub(crate) fn push(&mut self, message: &Message, now_ms: u64) -> bool {
         let timestamp_ms = stamp(message, now_ms);
-        let next = dense_len(Some(self.last), message, timestamp_ms);
-        if !LOG_BATCH.joins(self.count as usize, self.len(), next) {
+        let before = self.len();
+        // A payload that cannot fit is not copied in only to be taken out.
+        if before + message.payload.len() >= LOG_BATCH.bytes {
             return false;
         }
-        self.last = write_dense(&mut self.w, Some(self.last), message, timestamp_ms);
+        let last = write_dense(&mut self.w, Some(self.last), message, timestamp_ms);
+        if !LOG_BATCH.joins(self.count as usize, before, self.len() - before) {
+            self.w.buf.truncate(before);
+            return false;
+        }
+        self.last = last;
         self.count += 1;
         true
     }
@@ -1780,6 +1788,48 @@ mod tests {
             assert_eq!(count, run.len());
             let want: Vec<_> = run.iter().cloned().enumerate().skip(skip).take(5).collect();
             assert_eq!(got, want, "skip {skip}");
+        }
+    }
+
+    /// Messages pushed one at a time close their batches where `split_batches` cuts the same
+    /// messages, and make the same bytes: at the item bound, at the byte bound, and for
+    /// messages that come within a few bytes of it or cannot fit at all.
+    #[test]
+    fn open_batches_cut_where_split_batches_cuts() {
+        let sizes = [0, 1, 100, 1_000, 16_000, 32_500, 32_600, 32_700, 40_000];
+        let mut seed = 0x2545_F491_u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for round in 0..40 {
+            let n = 1 + next(3_000);
+            let run: Vec<Message> = (0..n)
+                .map(|i| {
+                    let len = if round % 2 == 0 {
+                        100
+                    } else {
+                        sizes[next(sizes.len())]
+                    };
+                    Message::new(vec![i as u8; len])
+                        .with_id(MessageId(i as u128))
+                        .with_timestamp_ms(5)
+                })
+                .collect();
+            let mut built: Vec<OpenBatch> = Vec::new();
+            for m in &run {
+                if !built.last_mut().is_some_and(|b| b.push(m, 0)) {
+                    built.push(OpenBatch::new(m, 0, 0));
+                }
+            }
+            let cut: Vec<&[Message]> = split_batches(&run, LOG_BATCH, batch_item_len).collect();
+            assert_eq!(built.len(), cut.len(), "round {round}");
+            for (open, chunk) in built.into_iter().zip(cut) {
+                assert_eq!(open.count(), chunk.len() as u64, "round {round}");
+                assert_eq!(open.finish(), encode_batch(chunk.iter()), "round {round}");
+            }
         }
     }
 

@@ -725,11 +725,14 @@ impl Unwritten {
                     continue;
                 }
             }
-            let expected = messages[i..]
-                .iter()
-                .take(codec::LOG_BATCH.items)
-                .map(codec::encoded_len)
-                .sum();
+            // Room for the messages that follow, up to a batch's worth.
+            let mut expected = 0;
+            for message in messages[i..].iter().take(codec::LOG_BATCH.items) {
+                if expected >= codec::LOG_BATCH.bytes {
+                    break;
+                }
+                expected += codec::encoded_len(message);
+            }
             let batch = codec::OpenBatch::new(message, now_ms, expected);
             added += batch.len();
             self.batches.push((id, at, batch));
