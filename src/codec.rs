@@ -1797,13 +1797,8 @@ mod tests {
     #[test]
     fn open_batches_cut_where_split_batches_cuts() {
         let sizes = [0, 1, 100, 1_000, 16_000, 32_500, 32_600, 32_700, 40_000];
-        let mut seed = 0x2545_F491_u64;
-        let mut next = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut rng = crate::testing::xorshift(0x2545_F491);
+        let mut next = |n: usize| rng(n as u64) as usize;
         for round in 0..40 {
             let n = 1 + next(3_000);
             let run: Vec<Message> = (0..n)

@@ -1144,6 +1144,7 @@ mod tests {
 
     use super::*;
     use crate::store::Storage;
+    use crate::testing::xorshift;
 
     type Disk = Arc<dyn StorageBackend>;
 
@@ -1476,16 +1477,6 @@ mod tests {
                     "bytes {a} and {b} changed"
                 );
             }
-        }
-    }
-
-    /// A seeded source of numbers below `n`, for the model tests.
-    fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
-        move |n| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
         }
     }
 

@@ -96,3 +96,17 @@ pub use worker::WorkerHandle;
 pub use codec::{
     fuzz_decode_batch, fuzz_decode_message, fuzz_encode_batch, fuzz_encode_message, fuzz_seal_batch,
 };
+
+/// Helpers the unit tests of several modules share.
+#[cfg(test)]
+mod testing {
+    /// A seeded source of numbers below `n`, for the model tests.
+    pub(crate) fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        }
+    }
+}

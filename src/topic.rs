@@ -257,11 +257,10 @@ pub(crate) fn read_records(
         let skip = start.saturating_sub(base);
         let room = (max - out.len())
             .min(usize::try_from(topic.next_offset - base.max(start)).unwrap_or(usize::MAX));
-        let skip_n = usize::try_from(skip).unwrap_or(usize::MAX);
         let (count, rest) = codec::decode_batch_keeping(
             value.value(),
             "topic log",
-            skip_n,
+            usize::try_from(skip).unwrap_or(usize::MAX),
             room,
             cursor.is_some(),
             |i, message| {
