@@ -1277,6 +1277,53 @@ fn a_journal_a_crash_left_is_recovered_by_a_writable_open_and_refused_read_only(
     check(read_only.begin_read().unwrap());
 }
 
+/// `tests/data/journal3-crashed.mqlite` was left by a process that stopped without closing,
+/// its commits still in the journal as version 3 records, three of which placed pages (a
+/// record batch of 32 KiB each, written in place ahead of the record): topic `t` holds three
+/// batches of ten messages of 4 000 bytes `[10 i + j; 4000]` with key `k`, queue `q` three
+/// messages of `[i; 10]`, one of each a commit.
+#[test]
+fn a_journal_whose_records_placed_pages_is_recovered_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crashed.mqlite");
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/journal3-crashed.mqlite"
+        ),
+        &path,
+    )
+    .unwrap();
+    let check = |r: mqlite::ReadTransaction| {
+        let records = r.read_topic("t", 0, 100).unwrap();
+        let payloads: Vec<Vec<u8>> = records.iter().map(|r| r.message.payload.to_vec()).collect();
+        assert_eq!(
+            payloads,
+            (0..30u8).map(|i| vec![i; 4000]).collect::<Vec<_>>()
+        );
+        assert!(
+            records
+                .iter()
+                .all(|r| r.message.key.as_deref() == Some(&b"k"[..]))
+        );
+        assert_eq!(r.queue_info("q").unwrap().ready, 3);
+    };
+    let refused = Database::builder().open_read_only(&path).unwrap_err();
+    assert!(matches!(&refused, Error::NeedsRecovery { .. }), "{refused}");
+    let db = Database::open(&path).unwrap();
+    check(db.begin_read().unwrap());
+    let report = db.verify(|_| {}).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    drop(db);
+    check(
+        Database::builder()
+            .open_read_only(&path)
+            .unwrap()
+            .begin_read()
+            .unwrap(),
+    );
+}
+
 #[test]
 fn new_files_are_journaled_by_default_plain_on_request_and_keep_their_layout() {
     let dir = tempfile::tempdir().unwrap();
