@@ -402,6 +402,15 @@ impl PageSet {
         }
     }
 
+    /// Takes out every page from `page` on.
+    fn remove_from(&mut self, page: u64) {
+        let word = (page / 64) as usize;
+        if word < self.0.len() {
+            self.0.truncate(word + 1);
+            self.0[word] &= (1 << (page % 64)) - 1;
+        }
+    }
+
     fn extend(&mut self, pages: impl IntoIterator<Item = u64>) {
         for page in pages {
             self.insert(page);
@@ -495,9 +504,8 @@ struct State {
     /// record names it with a checksum): no state reads its bytes there but through a record
     /// that holds the page (see [`Journal::pages_to_place`]).
     in_place: PageSet,
-    /// The pages from here on have no blocks written yet (holes, or past the end of the file);
-    /// below it, every page not `in_place` was written with zeros (see [`Journal::prepare`]).
-    prepared: u64,
+    /// Pages not `in_place` whose blocks were written with zeros (see [`Journal::prepare`]).
+    zeroed: PageSet,
     /// The pages placed in this generation, and how many.
     placed: PageSet,
     placed_count: usize,
@@ -605,7 +613,7 @@ impl<B: StorageBackend> Journal<B> {
                 synced: 0,
                 pages_unsynced: 0,
                 in_place: PageSet::default(),
-                prepared: 0,
+                zeroed: PageSet::default(),
                 placed: PageSet::default(),
                 placed_count: 0,
                 hidden: Vec::new(),
@@ -655,9 +663,9 @@ impl<B: StorageBackend> Journal<B> {
         s.durable_len = s.home_len;
         s.durable = Layer::new(s.len);
         s.pending = Layer::new(s.len);
-        s.prepared = s.home_len.div_ceil(PAGE);
         s.in_place = PageSet::default();
-        s.in_place.insert_range(0, s.prepared);
+        s.in_place.insert_range(0, s.home_len.div_ceil(PAGE));
+        s.zeroed = PageSet::default();
         // A checkpoint that wrote the newer slot and then lost it to damage leaves records of
         // the next generation: they prove that slot's counter.
         let accept = |g: u64| g == generation || (one_damaged && g == generation + 1);
@@ -1157,7 +1165,7 @@ impl<B: StorageBackend> Journal<B> {
         }
         if s.durable.floor < s.home_len {
             // The cut frees the blocks from there on.
-            s.prepared = s.prepared.min(s.durable.floor / PAGE);
+            s.zeroed.remove_from(s.durable.floor / PAGE);
         }
         let written = self.put_in_place(s, &s.durable, s.durable_len)?;
         s.in_place.extend(written);
@@ -1282,9 +1290,7 @@ impl<B: StorageBackend> Journal<B> {
     /// that read them soon find them: written past it (`O_DIRECT`), W3's harness gained 5-7 %,
     /// and a first read of 44 MB of them took 2.4 times as long (2026-12-07).
     fn place(&self, s: &mut State, place: &[u64]) -> IoResult<()> {
-        if let Some(&last) = place.last() {
-            self.prepare(s, last + 1)?;
-        }
+        self.prepare(s, place)?;
         #[cfg(test)]
         self.placing.lock().clone_from(&place.to_vec());
         let mut run: Vec<u8> = Vec::new();
@@ -1299,34 +1305,43 @@ impl<B: StorageBackend> Journal<B> {
         Ok(())
     }
 
-    /// Writes zeros over the pages not `in_place` from where the last call stopped to a little
-    /// past `end`, within the file, and fsyncs, unless that is done: pages placed where the
-    /// file system has no blocks yet cost it the blocks' allocation at the fsync (W3's harness:
-    /// 1.57-1.80 M msg/s into holes, 1.83-2.00 M with the zeros). No state reads those pages'
-    /// bytes in place (see [`Journal::pages_to_place`]).
-    fn prepare(&self, s: &mut State, end: u64) -> IoResult<()> {
-        if end <= s.prepared {
+    /// Unless the blocks under every page of `place` are written, writes zeros over the pages
+    /// neither `in_place` nor zeroed from the first of `place` to a little past its last,
+    /// within the file, and fsyncs: pages placed where the file system has no blocks yet cost
+    /// it the blocks' allocation at the fsync (W3's harness: 1.57-1.80 M msg/s into holes,
+    /// 1.83-2.00 M with the zeros). No state reads those pages' bytes in place (see
+    /// [`Journal::pages_to_place`]).
+    fn prepare(&self, s: &mut State, place: &[u64]) -> IoResult<()> {
+        let ready = |p: u64| s.in_place.contains(p) || s.zeroed.contains(p);
+        let (Some(&first), Some(&last)) = (place.first(), place.last()) else {
+            return Ok(());
+        };
+        if place.iter().all(|&p| ready(p)) {
             return Ok(());
         }
-        let to = ((end * PAGE + ZERO_AHEAD_BYTES).min(s.len) / PAGE).max(end);
+        let to = ((last * PAGE + PAGE + ZERO_AHEAD_BYTES).min(s.len) / PAGE).max(last + 1);
         const PIECE: u64 = 256;
         let zeros = vec![0u8; (PIECE * PAGE) as usize];
-        let mut page = s.prepared;
+        let mut page = first;
+        let mut written = Vec::new();
         while page < to {
-            if s.in_place.contains(page) {
+            if ready(page) {
                 page += 1;
                 continue;
             }
             let mut n = 1;
-            while n < PIECE && page + n < to && !s.in_place.contains(page + n) {
+            while n < PIECE && page + n < to && !ready(page + n) {
                 n += 1;
             }
             self.lower
                 .write(s.home() + page * PAGE, &zeros[..(n * PAGE) as usize])?;
+            written.push((page, page + n));
             page += n;
         }
         self.lower.sync_data()?;
-        s.prepared = to;
+        for (from, to) in written {
+            s.zeroed.insert_range(from, to);
+        }
         Ok(())
     }
 
@@ -1339,7 +1354,7 @@ impl<B: StorageBackend> Journal<B> {
             self.checkpoint(s)?;
         }
         if s.pending.floor < s.home_len {
-            s.prepared = s.prepared.min(s.pending.floor / PAGE);
+            s.zeroed.remove_from(s.pending.floor / PAGE);
         }
         match self.put_in_place(s, &s.pending, s.len) {
             Ok(written) => s.in_place.extend(written),
