@@ -1168,15 +1168,18 @@ fn format2_message(i: u64) -> Message {
     m
 }
 
+/// A copy of the fixture `tests/data/{name}` in a new directory, to open writable.
+fn fixture_copy(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    std::fs::copy(fixture.join(name), &path).unwrap();
+    (dir, path)
+}
+
 #[test]
 fn a_format_2_file_is_read_and_upgraded_and_its_batches_read_beside_dense_ones() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("old.mqlite");
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/format2.mqlite"),
-        &path,
-    )
-    .unwrap();
+    let (_dir, path) = fixture_copy("format2.mqlite");
     let stored: Vec<Message> = (0..153).map(format2_message).collect();
     let read_log = |r: &mqlite::ReadTransaction| -> mqlite::Result<Vec<Message>> {
         let records = r.read_topic("log", 0, usize::MAX)?;
@@ -1231,16 +1234,7 @@ fn a_format_2_file_is_read_and_upgraded_and_its_batches_read_beside_dense_ones()
 /// queue `q` three messages of `[i; 10]`.
 #[test]
 fn a_journal_a_crash_left_is_recovered_by_a_writable_open_and_refused_read_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("crashed.mqlite");
-    std::fs::copy(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/data/journal2-crashed.mqlite"
-        ),
-        &path,
-    )
-    .unwrap();
+    let (_dir, path) = fixture_copy("journal2-crashed.mqlite");
     let untouched = std::fs::read(&path).unwrap();
     let check = |r: mqlite::ReadTransaction| {
         let records = r.read_topic("t", 0, 10).unwrap();
@@ -1284,16 +1278,7 @@ fn a_journal_a_crash_left_is_recovered_by_a_writable_open_and_refused_read_only(
 /// messages of `[i; 10]`, one of each a commit.
 #[test]
 fn a_journal_whose_records_placed_pages_is_recovered_after_a_crash() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("crashed.mqlite");
-    std::fs::copy(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/data/journal3-crashed.mqlite"
-        ),
-        &path,
-    )
-    .unwrap();
+    let (_dir, path) = fixture_copy("journal3-crashed.mqlite");
     let check = |r: mqlite::ReadTransaction| {
         let records = r.read_topic("t", 0, 100).unwrap();
         let payloads: Vec<Vec<u8>> = records.iter().map(|r| r.message.payload.to_vec()).collect();
