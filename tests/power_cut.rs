@@ -14,11 +14,20 @@ const DOMAIN: TableDefinition<u64, u64> = TableDefinition::new("domain");
 const STEPS: u64 = 24;
 const CRASH_POINTS: u64 = 600;
 
-/// One step: a domain row, a published message and a group offset, in one commit.
-fn step(db: &Database, i: u64) -> Result<(), Error> {
+/// Step `i`'s payload: its number, and `size - 8` more bytes (large messages fill record
+/// batches of their own, whose pages a durable commit places ahead of its journal record).
+fn payload(i: u64, size: usize) -> Vec<u8> {
+    let mut p = i.to_le_bytes().to_vec();
+    p.resize(size.max(8), (i % 251) as u8);
+    p
+}
+
+/// One step: a domain row, a published message of `size` bytes and a group offset, in one
+/// commit.
+fn step(db: &Database, i: u64, size: usize) -> Result<(), Error> {
     db.write(|txn| {
         txn.open_table(DOMAIN)?.insert(i, i * 7)?;
-        let offset = txn.publish("t", &Message::new(i.to_le_bytes().to_vec()).with_key("k"))?;
+        let offset = txn.publish("t", &Message::new(payload(i, size)).with_key("k"))?;
         assert_eq!(offset, i);
         txn.commit_offset("t", "g", offset + 1)
     })
@@ -26,7 +35,7 @@ fn step(db: &Database, i: u64) -> Result<(), Error> {
 
 /// Checks the recovered database: it holds a whole prefix of the steps, at least the `acked`
 /// ones (durable when they returned) and at most `tried`; returns how many.
-fn check(db: &Database, acked: u64, tried: u64, seed: u64) -> u64 {
+fn check(db: &Database, acked: u64, tried: u64, seed: u64, size: usize) -> u64 {
     let ctx = format!("seed {seed}, acked {acked}, tried {tried}");
     db.read(|r| {
         let domain = r.open_table(DOMAIN);
@@ -45,7 +54,7 @@ fn check(db: &Database, acked: u64, tried: u64, seed: u64) -> u64 {
         assert_eq!(records.len() as u64, rows, "{ctx}");
         for (i, rec) in records.iter().enumerate() {
             assert_eq!(rec.offset, i as u64, "gap: {ctx}");
-            assert_eq!(rec.message.payload, (i as u64).to_le_bytes(), "{ctx}");
+            assert_eq!(rec.message.payload, payload(i as u64, size), "{ctx}");
         }
         if rows > 0 {
             assert_eq!(r.group_info("t", "g")?.committed, rows, "offset: {ctx}");
@@ -69,14 +78,15 @@ fn prepare() -> (SimDisk, u64) {
     (disk, ops)
 }
 
-#[test]
-fn acknowledged_commits_survive_power_cuts_and_failed_ones_are_atomic() {
+/// Runs [`STEPS`] steps of `size`-byte messages, with a power cut at [`CRASH_POINTS`] points
+/// of it; returns how many cuts fell inside the workload.
+fn power_cuts(size: usize) -> u64 {
     // Measure how many backend operations the whole workload takes.
     let (disk, base) = prepare();
     let db = Database::builder().open_backend(disk.clone()).unwrap();
     let open_ops = disk.ops() - base;
     for i in 0..STEPS {
-        step(&db, i).unwrap();
+        step(&db, i, size).unwrap();
     }
     drop(db);
     let total_ops = disk.ops() - base;
@@ -98,7 +108,7 @@ fn acknowledged_commits_survive_power_cuts_and_failed_ones_are_atomic() {
         let mut acked = 0;
         if let Ok(db) = Database::builder().open_backend(disk.clone()) {
             for i in 0..STEPS {
-                if step(&db, i).is_err() {
+                if step(&db, i, size).is_err() {
                     break;
                 }
                 acked = i + 1;
@@ -108,19 +118,36 @@ fn acknowledged_commits_survive_power_cuts_and_failed_ones_are_atomic() {
         let db = Database::builder()
             .open_backend(crashed)
             .unwrap_or_else(|e| panic!("reopen after power cut failed: seed {seed}: {e}"));
-        let rows = check(&db, acked, acked + 1, seed);
+        let rows = check(&db, acked, acked + 1, seed, size);
         if 0 < acked && acked < STEPS {
             mid_workload += 1;
         }
         // The recovered database takes new work.
-        step(&db, rows).unwrap_or_else(|e| panic!("write after recovery: seed {seed}: {e}"));
+        step(&db, rows, size).unwrap_or_else(|e| panic!("write after recovery: seed {seed}: {e}"));
     }
+    mid_workload
+}
+
+#[test]
+fn acknowledged_commits_survive_power_cuts_and_failed_ones_are_atomic() {
+    let mid_workload = power_cuts(8);
     // The crash points must land inside the workload, not only before or after it.
     assert!(
         mid_workload > CRASH_POINTS / 2,
         "only {mid_workload} crashes mid-workload"
     );
     println!("power cuts: runs={CRASH_POINTS} mid_workload={mid_workload} lost=0 phantom=0");
+}
+
+/// The same with messages of 40 KB: each fills a record batch of its own, whose pages the
+/// journal places ahead of the commit's record.
+#[test]
+fn acknowledged_commits_of_large_messages_survive_power_cuts() {
+    let mid_workload = power_cuts(40_000);
+    assert!(
+        mid_workload > CRASH_POINTS / 2,
+        "only {mid_workload} crashes mid-workload"
+    );
 }
 
 /// The relaxed workload: steps committed without an fsync, a flush after every third.
@@ -137,7 +164,7 @@ fn relaxed_run(disk: &SimDisk) -> (u64, u64) {
     if let Ok(db) = opened {
         for i in 0..STEPS {
             tried = i + 1;
-            if step(&db, i).is_err() {
+            if step(&db, i, 8).is_err() {
                 break;
             }
             if i % 3 == 2 {
@@ -180,7 +207,7 @@ fn relaxed_commits_survive_power_cuts_up_to_the_last_flush() {
         let db = Database::builder()
             .open_backend(crashed)
             .unwrap_or_else(|e| panic!("reopen after power cut failed: seed {seed}: {e}"));
-        check(&db, flushed, tried, seed);
+        check(&db, flushed, tried, seed, 8);
         if 0 < flushed && flushed < STEPS {
             mid_workload += 1;
         }
@@ -205,13 +232,13 @@ fn a_new_journaled_backend_cut_before_its_first_checkpoint_keeps_its_commits() {
     db.write(|txn| txn.create_topic("t", TopicConfig::default()))
         .unwrap();
     for i in 0..3 {
-        step(&db, i).unwrap();
+        step(&db, i, 8).unwrap();
     }
     let image = disk.crash_image(&mut Rng::new(1));
     let db = Database::builder()
         .open_backend(SimDisk::from_image(image))
         .unwrap();
-    check(&db, 3, 3, 1);
+    check(&db, 3, 3, 1, 8);
 }
 
 const BLOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("blobs");
