@@ -1002,10 +1002,15 @@ impl<B: StorageBackend> Journal<B> {
                     let (start, end) = changed(new, old).unwrap_or((0, 0));
                     (p, start, end)
                 }
+                // New, or placed (its image is in place, not in memory): whole.
                 _ => (p, 0, PAGE as usize),
             })
             .collect();
         patches.sort_unstable_by_key(|&(p, _, _)| p);
+        // Pages go in place ahead of a durable record only once every record before it is
+        // synced (a lost one would take with it the images that make those pages' bytes in
+        // place moot) and the generation has one: with no record, a recovery would take the
+        // file's length from the file, which placed pages may have grown.
         let placing = sync_now && s.seq > 0 && s.synced == s.written;
         let place = if placing {
             self.pages_to_place(s, &patches)
