@@ -542,6 +542,7 @@ pub(crate) struct Journal<B: StorageBackend> {
     /// The fewest consecutive new pages a sync places ([`PLACE_MIN_RUN`]; the tests lower it).
     place_min_run: usize,
     /// Pages placed since the open.
+    #[cfg(test)]
     pages_placed: AtomicUsize,
     /// The pages a sync began to place and has not finished writing the record of: what a
     /// power cut now may leave in place without its record.
@@ -592,6 +593,7 @@ impl<B: StorageBackend> Journal<B> {
             on_durable: Mutex::new(None),
             last_sync_pages: AtomicUsize::new(0),
             place_min_run: PLACE_MIN_RUN,
+            #[cfg(test)]
             pages_placed: AtomicUsize::new(0),
             #[cfg(test)]
             placing: Mutex::new(Vec::new()),
@@ -1112,6 +1114,7 @@ impl<B: StorageBackend> Journal<B> {
                 s.placed.insert(p);
             }
             s.placed_count += place.len();
+            #[cfg(test)]
             self.pages_placed.fetch_add(place.len(), Ordering::Relaxed);
         }
         if sync_now {
@@ -1291,16 +1294,21 @@ impl<B: StorageBackend> Journal<B> {
         }
         self.prepare(s, place)?;
         #[cfg(test)]
-        self.placing.lock().clone_from(&place.to_vec());
-        let mut run: Vec<u8> = Vec::new();
-        for (i, &p) in place.iter().enumerate() {
-            run.extend_from_slice(&s.pending.pages[&p]);
-            if place.get(i + 1) != Some(&(p + 1)) {
-                let first = p + 1 - (run.len() as u64 / PAGE);
-                self.lower.write(s.home() + first * PAGE, &run)?;
-                run.clear();
-            }
+        {
+            let mut placing = self.placing.lock();
+            placing.clear();
+            placing.extend_from_slice(place);
         }
+        // Gathered in the record's buffer, which the record takes over next.
+        let mut buffer = std::mem::take(&mut s.record);
+        for run in place.chunk_by(|a, b| a + 1 == *b) {
+            buffer.clear();
+            for p in run {
+                buffer.extend_from_slice(&s.pending.pages[p]);
+            }
+            self.lower.write(s.home() + run[0] * PAGE, &buffer)?;
+        }
+        s.record = buffer;
         Ok(())
     }
 
@@ -2077,6 +2085,16 @@ mod tests {
         placed: usize,
     }
 
+    /// The pages where `a` and `b` differ.
+    fn differing_pages(a: &[u8], b: &[u8]) -> Vec<usize> {
+        let pages = a.chunks(PAGE as usize).zip(b.chunks(PAGE as usize));
+        pages
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .map(|(p, _)| p)
+            .collect()
+    }
+
     /// Whether `found` is `state`, but for pages of `placing` where `state` holds zeros: the
     /// pages a sync cut short may have placed, which no state had written.
     fn same_but_placed(found: &[u8], state: &[u8], placing: &[u64]) -> bool {
@@ -2188,29 +2206,12 @@ mod tests {
                 std::iter::once(&acked)
                     .chain(&since)
                     .any(|state| same_but_placed(&found, state, &placing)),
-                "cut {cuts}: recovered {} bytes, acknowledged {}, {} records since; pages differing {:?}, placing {:?}",
+                "cut {cuts}: recovered {} bytes, acknowledged {}, {} records since; pages \
+                 differing from the acknowledged state {:?}, placing {placing:?}",
                 found.len(),
                 acked.len(),
                 since.len(),
-                std::iter::once(&acked)
-                    .chain(&since)
-                    .map(|c| (
-                        c.len(),
-                        found
-                            .chunks(PAGE as usize)
-                            .zip(c.chunks(PAGE as usize))
-                            .enumerate()
-                            .filter(|(_, (a, b))| a != b)
-                            .map(|(p, (a, b))| (
-                                p,
-                                a.iter().zip(b.iter()).position(|(x, y)| x != y),
-                                a.iter().filter(|&&x| x != 0).count(),
-                                b.iter().filter(|&&x| x != 0).count()
-                            ))
-                            .collect::<Vec<_>>()
-                    ))
-                    .collect::<Vec<_>>(),
-                placing
+                differing_pages(&found, &acked),
             );
             live.clone_from(&found);
             acked = found;

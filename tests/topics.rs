@@ -1228,6 +1228,21 @@ fn a_format_2_file_is_read_and_upgraded_and_its_batches_read_beside_dense_ones()
     assert_eq!(again.begin_read().unwrap().format_version().unwrap(), 3);
 }
 
+/// What the crashed-journal fixtures hold: topic `t` with `messages` of `size` bytes
+/// `[i; size]`, each with key `k`, and queue `q` with three messages ready.
+fn check_crashed_fixture(r: mqlite::ReadTransaction, messages: u8, size: usize) {
+    let records = r.read_topic("t", 0, 100).unwrap();
+    let payloads: Vec<Vec<u8>> = records.iter().map(|r| r.message.payload.to_vec()).collect();
+    let expected: Vec<Vec<u8>> = (0..messages).map(|i| vec![i; size]).collect();
+    assert_eq!(payloads, expected);
+    assert!(
+        records
+            .iter()
+            .all(|r| r.message.key.as_deref() == Some(&b"k"[..]))
+    );
+    assert_eq!(r.queue_info("q").unwrap().ready, 3);
+}
+
 /// `tests/data/journal2-crashed.mqlite` was left by a process that stopped without closing,
 /// its commits still in the journal as version 2 records (the first whole, the later ones
 /// patching its pages): topic `t` holds three publishes of 20 bytes `[i; 20]` with key `k`,
@@ -1236,17 +1251,7 @@ fn a_format_2_file_is_read_and_upgraded_and_its_batches_read_beside_dense_ones()
 fn a_journal_a_crash_left_is_recovered_by_a_writable_open_and_refused_read_only() {
     let (_dir, path) = fixture_copy("journal2-crashed.mqlite");
     let untouched = std::fs::read(&path).unwrap();
-    let check = |r: mqlite::ReadTransaction| {
-        let records = r.read_topic("t", 0, 10).unwrap();
-        let payloads: Vec<Vec<u8>> = records.iter().map(|r| r.message.payload.to_vec()).collect();
-        assert_eq!(payloads, (0..3u8).map(|i| vec![i; 20]).collect::<Vec<_>>());
-        assert!(
-            records
-                .iter()
-                .all(|r| r.message.key.as_deref() == Some(&b"k"[..]))
-        );
-        assert_eq!(r.queue_info("q").unwrap().ready, 3);
-    };
+    let check = |r| check_crashed_fixture(r, 3, 20);
     // Read-only, a file its writer did not close is refused, and left as it is.
     let refused = Database::builder().open_read_only(&path).unwrap_err();
     assert!(
@@ -1279,20 +1284,7 @@ fn a_journal_a_crash_left_is_recovered_by_a_writable_open_and_refused_read_only(
 #[test]
 fn a_journal_whose_records_placed_pages_is_recovered_after_a_crash() {
     let (_dir, path) = fixture_copy("journal3-crashed.mqlite");
-    let check = |r: mqlite::ReadTransaction| {
-        let records = r.read_topic("t", 0, 100).unwrap();
-        let payloads: Vec<Vec<u8>> = records.iter().map(|r| r.message.payload.to_vec()).collect();
-        assert_eq!(
-            payloads,
-            (0..30u8).map(|i| vec![i; 4000]).collect::<Vec<_>>()
-        );
-        assert!(
-            records
-                .iter()
-                .all(|r| r.message.key.as_deref() == Some(&b"k"[..]))
-        );
-        assert_eq!(r.queue_info("q").unwrap().ready, 3);
-    };
+    let check = |r| check_crashed_fixture(r, 30, 4000);
     let refused = Database::builder().open_read_only(&path).unwrap_err();
     assert!(matches!(&refused, Error::NeedsRecovery { .. }), "{refused}");
     let db = Database::open(&path).unwrap();
