@@ -688,6 +688,16 @@ fn varint_len(v: u64) -> usize {
     (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
+/// A plain message's parts (see [`BatchReader::take_plain`]): its payload is
+/// `buf[start..end]`, a range checked against `buf`.
+struct Plain<'b> {
+    id: MessageId,
+    timestamp_ms: u64,
+    buf: &'b Arc<[u8]>,
+    start: usize,
+    end: usize,
+}
+
 /// A record batch's messages, read in order by the batch's layout; each message is either
 /// taken (decoded, its payload sharing the batch's copy once [`Reader::share_rest`] ran) or
 /// skipped (checked, not copied).
@@ -731,7 +741,7 @@ impl<'a> BatchReader<'a> {
     /// it. `None`, with nothing read, for any other message; the general path then reads it
     /// (and reports any damage).
     #[inline]
-    fn take_plain(&mut self) -> Option<(MessageId, u64, Payload)> {
+    fn take_plain(&mut self) -> Option<Plain<'_>> {
         // Only a dense message sets `prev`, so a layout-1 batch never gets past this line.
         let prev = self.prev.as_mut()?;
         let id = prev.id.checked_add(1)?;
@@ -741,12 +751,21 @@ impl<'a> BatchReader<'a> {
             return None;
         }
         let (buf, base) = self.r.shared.as_ref()?;
-        let at = (self.r.offset + 2).checked_sub(*base)?;
-        let payload = Payload::shared(buf, at, at + len)?;
+        let start = (self.r.offset + 2).checked_sub(*base)?;
+        let end = start + len;
+        if end > buf.len() {
+            return None;
+        }
         self.r.body = &rest[len..];
         self.r.offset += 2 + len;
         prev.id = id;
-        Some((MessageId(id), prev.timestamp_ms, payload))
+        Some(Plain {
+            id: MessageId(id),
+            timestamp_ms: prev.timestamp_ms,
+            buf,
+            start,
+            end,
+        })
     }
 
     fn skip(&mut self) -> Result<()> {
@@ -758,26 +777,18 @@ impl<'a> BatchReader<'a> {
 
     /// Hands the next `n` messages to `take`, numbered from `first`.
     #[inline]
-    fn read_into(
-        &mut self,
-        first: usize,
-        n: usize,
-        take: &mut impl FnMut(usize, Message),
-    ) -> Result<()> {
+    fn read_into(&mut self, first: usize, n: usize, take: &mut impl Sink) -> Result<()> {
+        take.expect(n);
         for i in 0..n {
             match self.take_plain() {
-                Some((id, timestamp_ms, payload)) => take(
-                    first + i,
-                    Message {
-                        id,
-                        key: None,
-                        routing_key: String::new(),
-                        headers: Vec::new(),
-                        payload,
-                        timestamp_ms,
-                    },
-                ),
-                None => take(first + i, self.take()?),
+                Some(Plain {
+                    id,
+                    timestamp_ms,
+                    buf,
+                    start,
+                    end,
+                }) => take.plain(first + i, id, timestamp_ms, buf, start, end),
+                None => take.message(first + i, self.take()?),
             }
         }
         Ok(())
@@ -913,6 +924,61 @@ pub(crate) fn encode_batch<'m>(
     w.finish()
 }
 
+/// Where a batch reader hands the messages it decodes, each with its index in the batch. A
+/// closure taking `(index, message)` is one.
+pub(crate) trait Sink {
+    /// Told before the reader hands over the next `n` messages.
+    #[inline]
+    fn expect(&mut self, n: usize) {
+        let _ = n;
+    }
+
+    fn message(&mut self, i: usize, message: Message);
+
+    /// A plain message (see [`BatchReader::take_plain`]) in parts, its payload
+    /// `buf[start..end]` (a range checked against `buf`), so that a sink can build it where
+    /// it keeps it.
+    #[inline]
+    fn plain(
+        &mut self,
+        i: usize,
+        id: MessageId,
+        timestamp_ms: u64,
+        buf: &Arc<[u8]>,
+        start: usize,
+        end: usize,
+    ) {
+        self.message(i, plain_message(id, timestamp_ms, buf, start, end));
+    }
+}
+
+/// A plain message from its parts (see [`Sink::plain`]).
+pub(crate) fn plain_message(
+    id: MessageId,
+    timestamp_ms: u64,
+    buf: &Arc<[u8]>,
+    start: usize,
+    end: usize,
+) -> Message {
+    let mut payload = Payload::new();
+    payload.set_shared(buf, start, end);
+    Message {
+        id,
+        key: None,
+        routing_key: String::new(),
+        headers: Vec::new(),
+        payload,
+        timestamp_ms,
+    }
+}
+
+impl<F: FnMut(usize, Message)> Sink for F {
+    #[inline]
+    fn message(&mut self, i: usize, message: Message) {
+        self(i, message);
+    }
+}
+
 /// Decodes a record batch of either layout.
 pub(crate) fn decode_batch(bytes: &[u8], what: &'static str) -> Result<Vec<Message>> {
     let mut out = Vec::new();
@@ -942,7 +1008,7 @@ pub(crate) fn decode_batch_keeping(
     skip: usize,
     max: usize,
     keep: bool,
-    mut take: impl FnMut(usize, Message),
+    mut take: impl Sink,
 ) -> Result<(usize, Option<BatchCursor>)> {
     let mut b = BatchReader::open(bytes, what)?;
     let count = b.count;
@@ -989,11 +1055,7 @@ pub(crate) struct BatchCursor {
 impl BatchCursor {
     /// Decodes up to `max` of the messages left, handing each to `take` with its index from
     /// the cursor; returns how many.
-    pub(crate) fn read(
-        &mut self,
-        max: usize,
-        mut take: impl FnMut(usize, Message),
-    ) -> Result<usize> {
+    pub(crate) fn read(&mut self, max: usize, mut take: impl Sink) -> Result<usize> {
         let shared = Arc::clone(&self.shared);
         let body = shared
             .get(self.at - self.base..)

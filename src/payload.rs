@@ -53,13 +53,24 @@ impl Payload {
 
     /// `buf[start..end]`, sharing `buf`; `None` when the range is not inside it.
     pub(crate) fn shared(buf: &Arc<[u8]>, start: usize, end: usize) -> Option<Self> {
-        (start <= end && end <= buf.len()).then(|| {
-            Payload(Repr::Shared {
-                buf: Arc::clone(buf),
-                start,
-                end,
-            })
-        })
+        let mut payload = Payload::new();
+        payload.set_shared(buf, start, end).then_some(payload)
+    }
+
+    /// Makes this payload `buf[start..end]`, sharing `buf`; false, with nothing changed, when
+    /// the range is not inside it. A reader fills a payload already in its place this way,
+    /// rather than moving a new one in (see `topic::Records`).
+    #[inline]
+    pub(crate) fn set_shared(&mut self, buf: &Arc<[u8]>, start: usize, end: usize) -> bool {
+        if start > end || end > buf.len() {
+            return false;
+        }
+        self.0 = Repr::Shared {
+            buf: Arc::clone(buf),
+            start,
+            end,
+        };
+        true
     }
 
     /// The bytes.
