@@ -512,6 +512,12 @@ struct State {
     /// Pages placed in this generation that a shrink hid since: their bytes are still in
     /// place, past the length the next checkpoint starts from, and it writes zeros over them.
     hidden: Vec<u64>,
+    /// A length the lower file has at least, when known. Kept rather than asked for at each
+    /// sync: asking (`fstat`) marks the file's times as seen, Linux (6.13 on, multigrain
+    /// timestamps) then stamps the next write with a fine-grained time, and the fdatasync
+    /// after it writes the inode too, one more synchronous write a commit (W3's harness:
+    /// one metadata write a commit, see docs/performance.md, 2026-12-08 from 01:13).
+    lower_len: Option<u64>,
 }
 
 impl State {
@@ -619,6 +625,7 @@ impl<B: StorageBackend> Journal<B> {
                 placed: PageSet::default(),
                 placed_count: 0,
                 hidden: Vec::new(),
+                lower_len: None,
             }),
         }
     }
@@ -657,6 +664,7 @@ impl<B: StorageBackend> Journal<B> {
             (None, None) => return Err(damaged("both header slots fail their checksum")),
         };
         let physical = self.lower.len()?;
+        s.lower_len = Some(physical);
         let home = HEADER_BYTES + journal_bytes;
         s.journal_bytes = journal_bytes;
         s.generation = generation;
@@ -1164,8 +1172,9 @@ impl<B: StorageBackend> Journal<B> {
             // The cut frees the blocks from there on.
             s.zeroed.remove_from(s.durable.floor / PAGE);
         }
-        let written = self.put_in_place(s, &s.durable, s.durable_len)?;
-        s.in_place.extend(written);
+        let written = self.put_in_place(s, &s.durable, s.durable_len);
+        s.lower_len = None;
+        s.in_place.extend(written?);
         s.hidden.clear();
         s.home_len = s.durable_len;
         s.durable.reset(s.durable_len, &mut s.spare);
@@ -1289,9 +1298,15 @@ impl<B: StorageBackend> Journal<B> {
     fn place(&self, s: &mut State, place: &[u64]) -> IoResult<()> {
         // The pages and zeros go within the file's new length, which a backend may need set
         // before a write past its end (a recovery cuts the file back if the record is torn).
-        if self.lower.len()? < s.home() + s.len {
-            self.lower.set_len(s.home() + s.len)?;
+        let want = s.home() + s.len;
+        let known = match s.lower_len {
+            Some(len) => len,
+            None => self.lower.len()?,
+        };
+        if known < want {
+            self.lower.set_len(want)?;
         }
+        s.lower_len = Some(known.max(want));
         self.prepare(s, place)?;
         #[cfg(test)]
         {
@@ -1364,7 +1379,9 @@ impl<B: StorageBackend> Journal<B> {
         if s.pending.floor < s.home_len {
             s.zeroed.remove_from(s.pending.floor / PAGE);
         }
-        match self.put_in_place(s, &s.pending, s.len) {
+        let written = self.put_in_place(s, &s.pending, s.len);
+        s.lower_len = None;
+        match written {
             Ok(written) => s.in_place.extend(written),
             Err(e) => return Self::fail(s, e),
         }
@@ -1708,6 +1725,49 @@ mod tests {
         assert_eq!(state(&after).1, 0, "replayed and checkpointed");
     }
 
+    /// Syncs that place pages past the file's end grow it without asking it for its length:
+    /// asking (`fstat`) would make Linux write the inode at the next fdatasync (see
+    /// `State::lower_len`). It is asked at the open, and once after a checkpoint.
+    #[test]
+    fn syncs_that_grow_the_file_do_not_ask_it_for_its_length() {
+        let disk = Arc::new(Volatile::default());
+        drop(Journal::create(Storage::shared(disk.clone()), 256 * PAGE).unwrap());
+        let j = Journal::open(Storage::shared(disk.clone()), true, false)
+            .with_write_through(Some(disk.clone()));
+        j.set_len(PAGE).unwrap();
+        j.write(0, b"first").unwrap();
+        j.sync_data().unwrap();
+        let asked = disk.0.lock().lens;
+        let generation = j.state.read().generation;
+        let mut expected = contents(&j);
+        for i in 0..20u8 {
+            let run = vec![i + 1; 8 * PAGE as usize];
+            let end = j.len().unwrap();
+            j.write(end, &run).unwrap();
+            j.sync_data().unwrap();
+            expected.extend_from_slice(&run);
+        }
+        assert_eq!(j.pages_placed.load(Ordering::Relaxed), 160);
+        assert_eq!(
+            j.state.read().generation,
+            generation,
+            "no checkpoint in between"
+        );
+        assert_eq!(disk.0.lock().lens, asked);
+        j.checkpoint(&mut j.state.write()).unwrap();
+        let end = j.len().unwrap();
+        j.write(end, &[9; 8 * PAGE as usize]).unwrap();
+        j.sync_data().unwrap();
+        j.write(end + 8 * PAGE, &[10; 8 * PAGE as usize]).unwrap();
+        j.sync_data().unwrap();
+        assert_eq!(disk.0.lock().lens, asked + 1, "once after the checkpoint");
+        expected.extend_from_slice(&[9; 8 * PAGE as usize]);
+        expected.extend_from_slice(&[10; 8 * PAGE as usize]);
+        drop(j);
+        let after = Journal::open(Storage::shared(disk.clone()), false, false);
+        assert_eq!(contents(&after), expected);
+    }
+
     /// On a real file: a run of new pages is placed, its record names it, and a crash (no
     /// close) recovers it; a placed page whose bytes in place are not what its record names
     /// ends the chain before that record.
@@ -1984,6 +2044,8 @@ mod tests {
         /// Operations left before the power goes; `None`: it stays on.
         power_for: Option<u64>,
         writes_through: u64,
+        /// Times the file was asked for its length.
+        lens: u64,
     }
 
     fn put(image: &mut Vec<u8>, offset: u64, data: &[u8], keep: impl Fn(usize) -> bool) {
@@ -2040,7 +2102,10 @@ mod tests {
 
     impl StorageBackend for Volatile {
         fn len(&self) -> IoResult<u64> {
-            self.op(|c| c.live.len() as u64)
+            self.op(|c| {
+                c.lens += 1;
+                c.live.len() as u64
+            })
         }
 
         fn read(&self, offset: u64, out: &mut [u8]) -> IoResult<()> {
