@@ -690,12 +690,12 @@ fn varint_len(v: u64) -> usize {
 
 /// A plain message's parts (see [`BatchReader::take_plain`]): its payload is
 /// `buf[start..end]`, a range checked against `buf`.
-struct Plain<'b> {
-    id: MessageId,
-    timestamp_ms: u64,
-    buf: &'b Arc<[u8]>,
-    start: usize,
-    end: usize,
+pub(crate) struct Plain<'b> {
+    pub(crate) id: MessageId,
+    pub(crate) timestamp_ms: u64,
+    pub(crate) buf: &'b Arc<[u8]>,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
 }
 
 /// A record batch's messages, read in order by the batch's layout; each message is either
@@ -781,13 +781,7 @@ impl<'a> BatchReader<'a> {
         take.expect(n);
         for i in 0..n {
             match self.take_plain() {
-                Some(Plain {
-                    id,
-                    timestamp_ms,
-                    buf,
-                    start,
-                    end,
-                }) => take.plain(first + i, id, timestamp_ms, buf, start, end),
+                Some(plain) => take.plain(first + i, plain),
                 None => take.message(first + i, self.take()?),
             }
         }
@@ -935,40 +929,22 @@ pub(crate) trait Sink {
 
     fn message(&mut self, i: usize, message: Message);
 
-    /// A plain message (see [`BatchReader::take_plain`]) in parts, its payload
-    /// `buf[start..end]` (a range checked against `buf`), so that a sink can build it where
-    /// it keeps it.
+    /// A plain message in parts, so that a sink can build it where it keeps it.
     #[inline]
-    fn plain(
-        &mut self,
-        i: usize,
-        id: MessageId,
-        timestamp_ms: u64,
-        buf: &Arc<[u8]>,
-        start: usize,
-        end: usize,
-    ) {
-        self.message(i, plain_message(id, timestamp_ms, buf, start, end));
-    }
-}
-
-/// A plain message from its parts (see [`Sink::plain`]).
-pub(crate) fn plain_message(
-    id: MessageId,
-    timestamp_ms: u64,
-    buf: &Arc<[u8]>,
-    start: usize,
-    end: usize,
-) -> Message {
-    let mut payload = Payload::new();
-    payload.set_shared(buf, start, end);
-    Message {
-        id,
-        key: None,
-        routing_key: String::new(),
-        headers: Vec::new(),
-        payload,
-        timestamp_ms,
+    fn plain(&mut self, i: usize, plain: Plain<'_>) {
+        let mut payload = Payload::new();
+        payload.set_shared(plain.buf, plain.start, plain.end);
+        self.message(
+            i,
+            Message {
+                id: plain.id,
+                key: None,
+                routing_key: String::new(),
+                headers: Vec::new(),
+                payload,
+                timestamp_ms: plain.timestamp_ms,
+            },
+        );
     }
 }
 

@@ -1,7 +1,6 @@
 //! Topics (append-only logs with dense offsets), retention, and consumer groups.
 
 use std::ops::Range;
-use std::sync::Arc;
 
 use redb::{ReadableTable, Table};
 
@@ -214,62 +213,53 @@ impl<'a> Records<'a> {
         Records { out, base, next }
     }
 
-    fn slot(&mut self) -> Option<&mut Record> {
-        let slot = self.out.get_mut(self.next);
+    /// The next slot, made here if [`codec::Sink::expect`] did not make it.
+    fn slot(&mut self) -> &mut Record {
+        if self.next == self.out.len() {
+            self.out.push(placeholder());
+        }
         self.next += 1;
-        slot
+        &mut self.out[self.next - 1]
+    }
+}
+
+/// A slot's content until the reader fills it in.
+fn placeholder() -> Record {
+    Record {
+        offset: 0,
+        message: Message {
+            id: MessageId(0),
+            key: None,
+            routing_key: String::new(),
+            headers: Vec::new(),
+            payload: Payload::new(),
+            timestamp_ms: 0,
+        },
     }
 }
 
 impl codec::Sink for Records<'_> {
     #[inline]
     fn expect(&mut self, n: usize) {
-        self.out.truncate(self.next);
-        self.out.resize_with(self.next + n, || Record {
-            offset: 0,
-            message: Message {
-                id: MessageId(0),
-                key: None,
-                routing_key: String::new(),
-                headers: Vec::new(),
-                payload: Payload::new(),
-                timestamp_ms: 0,
-            },
-        });
+        self.out.resize_with(self.next + n, placeholder);
     }
 
     #[inline]
     fn message(&mut self, i: usize, message: Message) {
         let offset = self.base + i as u64;
-        match self.slot() {
-            Some(r) => *r = Record { offset, message },
-            None => self.out.push(Record { offset, message }),
-        }
+        *self.slot() = Record { offset, message };
     }
 
     #[inline]
-    fn plain(
-        &mut self,
-        i: usize,
-        id: MessageId,
-        timestamp_ms: u64,
-        buf: &Arc<[u8]>,
-        start: usize,
-        end: usize,
-    ) {
+    fn plain(&mut self, i: usize, plain: codec::Plain<'_>) {
         let offset = self.base + i as u64;
-        match self.slot() {
-            Some(r) => {
-                r.offset = offset;
-                r.message.id = id;
-                r.message.timestamp_ms = timestamp_ms;
-                r.message.payload.set_shared(buf, start, end);
-            }
-            None => self.out.push(Record {
-                offset,
-                message: codec::plain_message(id, timestamp_ms, buf, start, end),
-            }),
-        }
+        let r = self.slot();
+        r.offset = offset;
+        r.message.id = plain.id;
+        r.message.timestamp_ms = plain.timestamp_ms;
+        r.message
+            .payload
+            .set_shared(plain.buf, plain.start, plain.end);
     }
 }
 
